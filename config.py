@@ -1,0 +1,259 @@
+"""Every hyper-parameter of the project in one dataclass, its command-line flags, and the presets.
+
+A default lives in exactly one place: the field of `Config`. `add_config_args` turns the fields
+into `--flags` (`num_grids` -> `--num-grids 40 36 24 16 12`), `config_from_args` reads them back
+on top of a preset, and every checkpoint stores `asdict(config)` so that resume and inference
+rebuild the model the run was trained with, not today's defaults.
+
+Presets:
+- `cis680`: the hand-out's recipe (ResNet-50 FPN 256, 800x1088, SGD 0.01 x batch/16, 36 epochs,
+  lr / 10 at 27 and 33) with the authors' warm-up and gradient clipping. For a GPU.
+- `cpu`: a small model and input that learns the built-in data set in minutes on a laptop CPU
+  (see README, "The CPU preset", for the measurements behind each choice).
+
+Usage:
+    cfg = preset("cpu")
+    cfg = dataclasses.replace(cfg, epochs=2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- data ---
+    data: str = "builtin"  # "builtin", a CIS680 file prefix (".../x" for x_img_comp_zlib.h5...)
+    #                        or a COCO json (then --coco-images is its image folder)
+    coco_images: str = ""  # image folder of a COCO json; default: "images" beside the json
+    num_images: int = 400  # built-in data set: images generated (issue: a few hundred)
+    data_seed: int = 0  # built-in data set: generator seed
+    val_fraction: float = 0.2  # held-out share (hand-out: 80/20)
+    split_seed: int = 0  # seed of the 80/20 split
+    split_file: str = ""  # json {"train": [...], "val": [...]} of indices; overrides the split
+    input_size: tuple[int, int] = (800, 1066)  # (h, w) resize before padding (hand-out);
+    #                                             COCO data: (short side, long-side cap)
+    pad_to: int = 32  # pad H, W up to a multiple of this (hand-out: 800x1066 -> 800x1088)
+    cis680_classes: bool = True  # COCO data: map categories onto vehicle/person/animal
+    augment: bool = True  # flip, colour jitter, scale 0.8-1.2, crop on the training split
+    overfit: int = 0  # >0: train on this many training images and evaluate on the same ones
+
+    # --- model ---
+    model: str = "solo"  # solo (later: decoupled_solo, solov2 and light variants)
+    depth: int = 50  # ResNet depth: 18, 34, 50, 101
+    fpn_channels: int = 256  # FPN output channels (hand-out: 256)
+    backbone_weights: str = ""  # "", "imagenet" (torchvision hub) or a local state-dict file
+    norm: str = "auto"  # backbone norm: auto (frozen BN with weights, trainable BN without),
+    #                     bn, frozen_bn, gn
+    seg_feat_channels: int = 256  # head tower width (hand-out: 256)
+    stacked_convs: int = 7  # head tower depth (hand-out: 7)
+    strides: tuple[int, ...] = (8, 8, 16, 32, 32)  # after NewFPN (hand-out)
+    scale_ranges: tuple[tuple[int, int], ...] = (
+        (1, 96),
+        (48, 192),
+        (96, 384),
+        (192, 768),
+        (384, 2048),
+    )  # sqrt(w*h) in padded-input pixels per level (hand-out)
+    num_grids: tuple[int, ...] = (40, 36, 24, 16, 12)  # S per level (hand-out)
+    epsilon: float = 0.2  # centre-region scale (paper sec. 3.3.1, hand-out)
+    mask_loss_weight: float = 3.0  # lambda in L = L_cate + lambda L_mask (paper, hand-out)
+    focal_alpha: float = 0.25  # focal loss alpha (paper)
+    focal_gamma: float = 2.0  # focal loss gamma (paper)
+    focal_norm: str = "positives"  # "positives": sum / (num_pos + 1) (authors);
+    #                                "entries": mean over S*S*C entries (hand-out)
+    init: str = "authors"  # "authors": normal(0, 0.01), prior bias -log(99); "xavier": hand-out
+
+    # --- post-processing (hand-out 6.10) ---
+    cate_thresh: float = 0.2  # category score threshold
+    ins_thresh: float = 0.5  # mask binarisation threshold
+    pre_nms_num: int = 50  # candidates kept before Matrix NMS
+    keep_instance: int = 5  # instances kept after Matrix NMS (hand-out: 5; COCO eval: 100)
+    nms_kernel: str = "gaussian"  # Matrix NMS kernel: gaussian or linear
+    nms_sigma: float = 2.0  # gaussian kernel sigma (authors' form exp(-sigma iou^2))
+    update_thresh: float = 0.05  # drop decayed scores below this (authors)
+
+    # --- optimisation (hand-out 7.1, authors' warm-up and clipping) ---
+    optimizer: str = "sgd"  # sgd or adamw
+    lr: float = 0.00125  # 0.01 x batch / 16 with batch 2 (hand-out)
+    momentum: float = 0.9  # SGD momentum (hand-out)
+    weight_decay: float = 1e-4  # (hand-out)
+    batch_size: int = 2  # images per step (per process under torchrun)
+    epochs: int = 36  # (hand-out)
+    lr_schedule: str = "step"  # step: / 10 at lr_steps; cosine: to 0 over the run
+    lr_steps: tuple[int, ...] = (27, 33)  # epochs where the step schedule divides lr by 10
+    warmup_iters: int = 500  # linear warm-up from lr / 3 (authors: 500 iterations)
+    grad_clip: float = 35.0  # max gradient norm (authors); 0 disables
+    time_budget_min: float = 0.0  # >0: stop training after this many minutes (CPU preset)
+    amp: bool = True  # mixed precision: fp16 on CUDA; bf16 autocast on CPU if cpu_bf16
+    cpu_bf16: bool = False  # bf16 autocast on the CPU
+    channels_last: bool = False  # channels-last memory format
+    num_workers: int = 2  # DataLoader workers
+    seed: int = 0  # torch / numpy / python seeds
+    device: str = "auto"  # auto, cpu, cuda
+    log_every: int = 20  # iterations between logged loss points
+    eval_max_images: int = 0  # >0: evaluate on at most this many held-out images
+    out: str = "runs/solo"  # run folder: checkpoints, loss curves, results
+    preset: str = "auto"  # the preset this config started from (for the record)
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------
+
+CIS680 = Config(preset="cis680")
+
+# A small model for the CPU. It trains the backbone from scratch (no weights can be fetched),
+# so its batch norm trains; the numbers behind each choice are in the README.
+CPU = Config(
+    preset="cpu",
+    num_images=2000,
+    input_size=(192, 256),
+    depth=18,
+    fpn_channels=128,
+    seg_feat_channels=64,
+    stacked_convs=2,
+    num_grids=(24, 20, 16, 12, 8),
+    scale_ranges=((1, 48), (24, 96), (48, 192), (96, 384), (192, 2048)),
+    optimizer="adamw",
+    lr=1e-3,
+    weight_decay=1e-4,
+    batch_size=8,
+    epochs=12,
+    lr_schedule="cosine",
+    warmup_iters=50,
+    grad_clip=35.0,
+    time_budget_min=15.0,
+    keep_instance=20,
+    out="runs/solo_cpu",
+)
+
+PRESETS = {"cis680": CIS680, "cpu": CPU}
+
+
+def preset(name: str) -> Config:
+    """The named preset; "auto" is `cis680` when a CUDA GPU is present and `cpu` otherwise."""
+    if name == "auto":
+        import torch
+
+        name = "cis680" if torch.cuda.is_available() else "cpu"
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or 'auto'")
+    return PRESETS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_pairs(values: list[str]) -> tuple[tuple[int, int], ...]:
+    """`["1,96", "48,192"]` -> ((1, 96), (48, 192))."""
+    pairs = []
+    for text in values:
+        lo, sep, hi = text.partition(",")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected LOW,HIGH pairs, got {text!r}")
+        pairs.append((int(lo), int(hi)))
+    return tuple(pairs)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Add one `--flag` per Config field, all defaulting to None (= keep the preset's value)."""
+    group = parser.add_argument_group("configuration (defaults come from --preset)")
+    group.add_argument("--preset", default="auto", choices=["auto", *PRESETS])
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        if f.name == "preset":
+            continue
+        hint = hints[f.name]
+        flag = _flag(f.name)
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "scale_ranges":
+            group.add_argument(flag, nargs="+", default=None, metavar="LOW,HIGH")
+        elif typing.get_origin(hint) is tuple:
+            elem = typing.get_args(hint)[0]
+            group.add_argument(flag, nargs="+", type=elem, default=None)
+        else:
+            group.add_argument(flag, type=hint, default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The preset named by `args.preset`, with every flag the user gave applied on top."""
+    base = preset(args.preset)
+    changes = {}
+    for f in fields(Config):
+        if f.name == "preset":
+            continue
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "scale_ranges":
+            value = _parse_pairs(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        changes[f.name] = value
+    changes["preset"] = base.preset
+    return validate(dataclasses.replace(base, **changes))
+
+
+def validate(cfg: Config) -> Config:
+    """Raise a ValueError naming the field when settings contradict each other."""
+    n_levels = len(cfg.strides)
+    if len(cfg.num_grids) != n_levels or len(cfg.scale_ranges) != n_levels:
+        raise ValueError(
+            f"num_grids ({len(cfg.num_grids)}), scale_ranges ({len(cfg.scale_ranges)}) and "
+            f"strides ({n_levels}) must have one entry per pyramid level"
+        )
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.focal_norm not in ("positives", "entries"):
+        raise ValueError(f"focal_norm must be 'positives' or 'entries', got {cfg.focal_norm!r}")
+    if cfg.init not in ("authors", "xavier"):
+        raise ValueError(f"init must be 'authors' or 'xavier', got {cfg.init!r}")
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    if cfg.lr_schedule not in ("step", "cosine"):
+        raise ValueError(f"lr_schedule must be 'step' or 'cosine', got {cfg.lr_schedule!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain python types only (tuples as lists), safe for json and `weights_only` checkpoints."""
+
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def config_from_dict(data: dict) -> Config:
+    """Inverse of `config_to_dict`; unknown keys (from a newer version) are an error."""
+    known = {f.name for f in fields(Config)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"checkpoint config has unknown fields {sorted(unknown)}")
+
+    def as_tuple(value):
+        if isinstance(value, list):
+            return tuple(as_tuple(v) for v in value)
+        return value
+
+    return validate(Config(**{k: as_tuple(v) for k, v in data.items()}))

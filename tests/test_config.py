@@ -1,0 +1,59 @@
+"""Config flags, presets and the checkpoint round trip of the config."""
+
+import argparse
+
+import pytest
+
+from config import (
+    CIS680,
+    CPU,
+    Config,
+    add_config_args,
+    config_from_args,
+    config_from_dict,
+    config_to_dict,
+)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_handout_defaults_live_in_the_dataclass():
+    cfg = Config()
+    assert cfg.num_grids == (40, 36, 24, 16, 12)
+    assert cfg.strides == (8, 8, 16, 32, 32)
+    assert cfg.scale_ranges[0] == (1, 96) and cfg.scale_ranges[-1] == (384, 2048)
+    assert cfg.lr == pytest.approx(0.01 * 2 / 16)  # 0.01 x batch / 16 (hand-out 7.1)
+    assert CIS680.input_size == (800, 1066) and CIS680.lr_steps == (27, 33)
+
+
+def test_flags_override_the_preset_and_keep_the_rest():
+    cfg = parse(["--preset", "cpu", "--num-grids", "12", "10", "8", "6", "4", "--no-augment"])
+    assert cfg.num_grids == (12, 10, 8, 6, 4)
+    assert cfg.augment is False
+    assert cfg.depth == CPU.depth and cfg.preset == "cpu"
+
+
+def test_scale_range_pairs_parse():
+    cfg = parse(["--preset", "cis680", "--scale-ranges", "1,9", "5,20", "10,40", "20,80", "40,999"])
+    assert cfg.scale_ranges == ((1, 9), (5, 20), (10, 40), (20, 80), (40, 999))
+
+
+def test_inconsistent_levels_are_refused():
+    with pytest.raises(ValueError, match="one entry per pyramid level"):
+        parse(["--preset", "cis680", "--num-grids", "40", "36"])
+
+
+def test_dict_round_trip_is_exact():
+    for cfg in (CIS680, CPU):
+        assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_unknown_checkpoint_field_is_an_error():
+    data = config_to_dict(CPU)
+    data["from_the_future"] = 1
+    with pytest.raises(ValueError, match="from_the_future"):
+        config_from_dict(data)
