@@ -1,0 +1,1359 @@
+"""Data sets, preprocessing, augmentation and loaders for SOLO (CIS680 hand-out, section 4).
+
+Two sources give the same samples:
+
+* CIS680 files (the hand-out's format), read by `BuildDataset(prefix)`:
+  `{prefix}_img_comp_zlib.h5`    one HDF5 data set (N, 3, 300, 400) uint8, the images;
+  `{prefix}_mask_comp_zlib.h5`   one HDF5 data set (M, 300, 400), every instance mask of every
+                                 image, concatenated in image order;
+  `{prefix}_labels_comp_zlib.npy` object array of N int arrays (n_i,), class ids 1..3;
+  `{prefix}_bboxes_comp_zlib.npy` object array of N float arrays (n_i, 4), x1 y1 x2 y2 pixels.
+  The masks of image i are rows sum(n_0..n_{i-1}) .. + n_i of the mask file (the hand-out's
+  "use the labels list to figure out which mask belongs to which image").
+  `write_cis680` writes such files; `coco_to_cis680` makes them from any COCO subset.
+* COCO-format json + image folder (COCO itself, LabelMe and most labelling tools), read by
+  `CocoDataset(json_path, image_dir)`.
+
+Output contract (the project's stable interface; other modules rely on it)
+--------------------------------------------------------------------------
+A data set item is a 5-tuple `(img, labels, masks, boxes, meta)`:
+  img     float32 (3, H, W)  scaled to [0, 1], resized (bilinear `F.interpolate`), normalised
+                             with IMAGENET_MEAN / IMAGENET_STD, zero-padded at the bottom/right
+                             to H x W, multiples of `pad_to` (CIS680 default: 800 x 1066 resize,
+                             800 x 1088 padded, as the hand-out asks).
+  labels  int64 (N,)         class ids 1..C (0 is background and never appears).
+  masks   uint8 (N, H, W)    values {0, 1}, same padded frame as img.
+  boxes   float32 (N, 4)     x1 y1 x2 y2 in padded-input pixels.
+  meta    dict               "image_id" int, "orig_size" (h0, w0), "input_size" (h, w) of the
+                             resized image before padding, "scale" (sy, sx) with
+                             h = round(h0 * sy), w = round(w0 * sx), "file_name" str (the image
+                             file, or "<h5 file>#<index>"); augmented samples add "augment".
+N may be 0: labels (0,), masks (0, H, W), boxes (0, 4). `.class_names` is a tuple of C names
+for ids 1..C (CIS680: ("vehicle", "person", "animal")).
+`collate_fn` pads images and masks of a batch at the bottom/right to the largest H and W and
+returns `(imgs (B, 3, H, W), label_list, mask_list, box_list, meta_list)`.
+
+Box-from-mask convention (`masks_to_boxes`, the one place it lives): x1 = first column,
+y1 = first row, x2 = last column + 1, y2 = last row + 1, i.e. pixel edges, so a mask of one
+pixel at (row 5, col 7) has the box (7, 5, 8, 6) and box width = number of columns covered.
+
+Run:
+  python dataset.py                               # built-in data, 5 pictures to outputs/...
+  python dataset.py --cis680 data/builtin/solo    # CIS680 files with that prefix
+  python dataset.py --coco-json ann.json --coco-images imgs/ [--cis680-classes]
+  python dataset.py --coco-json ann.json --coco-images imgs/ --to-cis680 data/mine/solo
+
+Shape legend: B batch, N instances of one image, M instances of a whole file, C classes
+without background, H x W padded input, h x w resized input before padding, h0 x w0 source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF2
+
+# --------------------------------------------------------------------------------------------
+# Config: constants of the hand-out and of COCO
+# --------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # hand-out section 4.3 (ImageNet statistics)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIS680_CLASSES = ("vehicle", "person", "animal")  # ids 1, 2, 3
+CIS680_IMAGE_SIZE = (300, 400)  # (h, w) of the hand-out's images
+CIS680_INPUT_SIZE = (800, 1066)  # hand-out resize target, padded to 800 x 1088
+
+_VEHICLES = ("bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat")
+_ANIMALS = tuple("bird cat dog horse sheep cow elephant bear zebra giraffe".split())
+# COCO category name -> CIS680 class id (1 vehicle, 2 person, 3 animal); others are dropped.
+COCO_TO_CIS680: dict[str, int] = {
+    **{name: 1 for name in _VEHICLES},
+    "person": 2,
+    **{name: 3 for name in _ANIMALS},
+}
+
+BOX_TOLERANCE = 1.0  # pixels a stored box may reach past the image border before it is an error
+MASK_CHECK_CHUNK = 256  # masks read at a time when BuildDataset checks that none is empty
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the field and what was expected."""
+
+
+def _fail(path: Any, field: str, problem: str, expected: str) -> DataError:
+    return DataError(f"{path}: {field} {problem}; expected {expected}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions: boxes, resizing, preprocessing, splits
+# --------------------------------------------------------------------------------------------
+
+
+def masks_to_boxes(masks: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Tight boxes of masks (N, H, W) -> (N, 4) float32 x1 y1 x2 y2, same type as the input.
+
+    x1 = first nonzero column, y1 = first nonzero row, x2 = last column + 1, y2 = last row + 1
+    (pixel edges; see the module docstring). An empty mask gives (0, 0, 0, 0).
+    """
+    is_numpy = isinstance(masks, np.ndarray)
+    nonzero = torch.as_tensor(masks) != 0  # (N, H, W) bool
+    N, H, W = nonzero.shape
+    boxes = torch.zeros((N, 4), dtype=torch.float32)
+    if N > 0:
+        rows = nonzero.any(dim=2)  # (N, H): row holds a mask pixel
+        cols = nonzero.any(dim=1)  # (N, W)
+        row_idx = torch.arange(H)
+        col_idx = torch.arange(W)
+        boxes[:, 0] = torch.where(cols, col_idx, W).amin(dim=1).float()
+        boxes[:, 1] = torch.where(rows, row_idx, H).amin(dim=1).float()
+        boxes[:, 2] = torch.where(cols, col_idx, -1).amax(dim=1).float() + 1
+        boxes[:, 3] = torch.where(rows, row_idx, -1).amax(dim=1).float() + 1
+        boxes[~rows.any(dim=1)] = 0
+    return boxes.numpy() if is_numpy else boxes
+
+
+def padded_size(size: tuple[int, int], pad_to: int | None) -> tuple[int, int]:
+    """(h, w) rounded up to multiples of pad_to (no change for pad_to None or 1)."""
+    h, w = size
+    if not pad_to or pad_to <= 1:
+        return int(h), int(w)
+    return int(math.ceil(h / pad_to) * pad_to), int(math.ceil(w / pad_to) * pad_to)
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Binary masks (N, h0, w0) -> uint8 (N, h, w) in {0, 1}: bilinear, then >= 0.5.
+
+    Downscaling can erase a thin object (plain bilinear even skips source pixels); such a mask
+    keeps the pixels where its antialiased (area-weighted) resize peaks, so an instance is
+    never lost.
+    """
+    N, h0, w0 = masks.shape
+    if N == 0:
+        return torch.zeros((0, *size), dtype=torch.uint8)
+    if (h0, w0) == tuple(size):
+        return (masks >= 0.5).to(torch.uint8)
+    masks = masks.float()
+    soft = F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0]
+    binary = soft >= 0.5  # (N, h, w)
+    lost = ~binary.flatten(1).any(dim=1) & (masks.flatten(1) >= 0.5).any(dim=1)
+    if lost.any():
+        smooth = F.interpolate(
+            masks[lost][None], size=size, mode="bilinear", align_corners=False, antialias=True
+        )[0]
+        peak = smooth.flatten(1).amax(dim=1)  # (n_lost,)
+        binary[lost] = smooth >= peak[:, None, None]
+    return binary.to(torch.uint8)
+
+
+def resize_image(
+    image: torch.Tensor, size: tuple[int, int], antialias: bool = False
+) -> torch.Tensor:
+    """uint8 or float image (3, h0, w0) -> float32 (3, h, w) in [0, 1], bilinear."""
+    img = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    return F.interpolate(
+        img[None], size=size, mode="bilinear", align_corners=False, antialias=antialias
+    )[0].clamp_(0.0, 1.0)
+
+
+def preprocess(
+    image: torch.Tensor | np.ndarray,
+    masks: torch.Tensor | np.ndarray,
+    boxes: torch.Tensor | np.ndarray,
+    size: tuple[int, int],
+    pad_to: int | None = 32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, tuple]]:
+    """The hand-out's preprocessing of one image and its instances.
+
+    image uint8 (3, h0, w0); masks (N, h0, w0) {0, 1}; boxes (N, 4) x1 y1 x2 y2 source pixels;
+    size (h, w) resize target. Steps: scale to [0, 1]; bilinear `F.interpolate` to (h, w);
+    normalise with ImageNet mean/std; zero-pad bottom/right to multiples of pad_to.
+    Returns img float32 (3, H, W), masks uint8 (N, H, W), boxes float32 (N, 4) scaled by
+    (sx, sy) and clipped to the image, and meta parts {"orig_size", "input_size", "scale"}.
+    """
+    image = torch.as_tensor(image)
+    masks = torch.as_tensor(masks)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    h0, w0 = image.shape[-2:]
+    h, w = int(size[0]), int(size[1])
+    H, W = padded_size((h, w), pad_to)
+    sy, sx = h / h0, w / w0
+
+    img = TF.normalize(resize_image(image, (h, w)), IMAGENET_MEAN, IMAGENET_STD)
+    img = F.pad(img, (0, W - w, 0, H - h))  # zero-pad right and bottom
+    out_masks = F.pad(resize_masks(masks, (h, w)), (0, W - w, 0, H - h))
+    out_boxes = boxes * torch.tensor([sx, sy, sx, sy])
+    out_boxes[:, 0::2] = out_boxes[:, 0::2].clamp(0, w)
+    out_boxes[:, 1::2] = out_boxes[:, 1::2].clamp(0, h)
+    meta = {"orig_size": (int(h0), int(w0)), "input_size": (h, w), "scale": (sy, sx)}
+    return img.contiguous(), out_masks.contiguous(), out_boxes, meta
+
+
+def coco_input_size(orig_size: tuple[int, int], short_side: int, max_side: int) -> tuple[int, int]:
+    """Aspect-kept resize: short side to short_side unless the long side would pass max_side."""
+    h0, w0 = orig_size
+    scale = min(short_side / min(h0, w0), max_side / max(h0, w0))
+    return max(1, round(h0 * scale)), max(1, round(w0 * scale))
+
+
+def letterbox(
+    image: np.ndarray,
+    masks: np.ndarray,
+    boxes: np.ndarray,
+    size: tuple[int, int] = CIS680_IMAGE_SIZE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit an image and its instances into `size`, aspect kept, zero padding bottom/right.
+
+    image uint8 (3, h0, w0), masks (N, h0, w0), boxes (N, 4) -> uint8 (3, *size),
+    uint8 (N, *size), float32 (N, 4). Used to make CIS680-style 300 x 400 files.
+    """
+    h0, w0 = image.shape[-2:]
+    Ht, Wt = size
+    scale = min(Ht / h0, Wt / w0)
+    h, w = min(Ht, max(1, round(h0 * scale))), min(Wt, max(1, round(w0 * scale)))
+    img = resize_image(torch.from_numpy(np.ascontiguousarray(image)), (h, w), antialias=True)
+    img = (img * 255.0).round_().to(torch.uint8)
+    out_img = np.zeros((3, Ht, Wt), dtype=np.uint8)
+    out_img[:, :h, :w] = img.numpy()
+    out_masks = np.zeros((len(masks), Ht, Wt), dtype=np.uint8)
+    out_masks[:, :h, :w] = resize_masks(torch.from_numpy(np.asarray(masks)), (h, w)).numpy()
+    out_boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.array(
+        [w / w0, h / h0, w / w0, h / h0], dtype=np.float32
+    )
+    out_boxes[:, 0::2] = out_boxes[:, 0::2].clip(0, w)
+    out_boxes[:, 1::2] = out_boxes[:, 1::2].clip(0, h)
+    return out_img, out_masks, out_boxes
+
+
+def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Seeded random train/validation split of range(n) (hand-out: 80 % training).
+
+    The validation part has round(n * val_fraction) images (at least 1 and at most n - 1 when
+    n >= 2 and 0 < val_fraction < 1). Both lists are sorted; the same seed gives the same split.
+    """
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    if n >= 2 and 0.0 < val_fraction < 1.0:
+        n_val = min(max(n_val, 1), n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def load_split(path: str | Path) -> tuple[list[int] | None, list[int] | None]:
+    """Read an explicit split -> (train_idx or None, val_idx or None).
+
+    json: {"train": [...], "val": [...]} (either key may be left out: the other part is then
+    the rest), or a plain list. A plain list (json list, or a txt file of integers separated by
+    white space or commas, '#' starts a comment) holds the VALIDATION image indices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "split file", "was not found", "a json or txt file of image indices")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _fail(path, "split json", f"could not be parsed ({exc})", "valid json") from exc
+        if isinstance(data, dict):
+            unknown = set(data) - {"train", "val"}
+            if unknown or not data:
+                raise _fail(path, "split keys", f"are {sorted(data)}", '"train" and/or "val"')
+            return (
+                _index_list(data.get("train"), path, "train"),
+                _index_list(data.get("val"), path, "val"),
+            )
+        return None, _index_list(data, path, "val")
+    tokens = [t for line in text.splitlines() for t in line.split("#")[0].replace(",", " ").split()]
+    try:
+        return None, [int(t) for t in tokens]
+    except ValueError as exc:
+        raise _fail(path, "split entries", f"hold a non-integer ({exc})", "integers") from exc
+
+
+def _index_list(values: Any, path: Path, field: str) -> list[int] | None:
+    if values is None:
+        return None
+    if not isinstance(values, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    ):
+        raise _fail(path, f"split field '{field}'", "is not a list of integers", "image indices")
+    return list(values)
+
+
+def resolve_split(
+    split: Any, n: int, val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Turn a split spec into checked (train_idx, val_idx) over range(n).
+
+    split: None (seeded `split_indices`), a path (`load_split`), a (train, val) pair (either
+    may be None: the rest of range(n)), or a plain sequence of validation indices.
+    """
+    source: Any = "split"
+    if split is None:
+        return split_indices(n, val_fraction, seed)
+    if isinstance(split, (str, Path)):
+        source = Path(split)
+        train, val = load_split(split)
+    elif isinstance(split, tuple) and len(split) == 2 and not isinstance(split[0], int):
+        train, val = split
+    else:
+        train, val = None, list(split)
+    for name, part in (("train", train), ("val", val)):
+        if part is None:
+            continue
+        bad = [i for i in part if not 0 <= int(i) < n]
+        if bad:
+            raise _fail(source, f"{name} indices", f"include {bad[:5]}", f"indices in 0..{n - 1}")
+        if len(set(part)) != len(part):
+            raise _fail(source, f"{name} indices", "repeat an index", "each image at most once")
+    if train is None and val is None:
+        return split_indices(n, val_fraction, seed)
+    if train is None:
+        train = sorted(set(range(n)) - set(val))
+    if val is None:
+        val = sorted(set(range(n)) - set(train))
+    if set(train) & set(val):
+        raise _fail(source, "train and val indices", "overlap", "disjoint parts")
+    return [int(i) for i in train], [int(i) for i in val]
+
+
+# --------------------------------------------------------------------------------------------
+# CIS680 files: names, writer, reader helpers
+# --------------------------------------------------------------------------------------------
+
+
+def cis680_paths(prefix: str | Path) -> dict[str, Path]:
+    """The four CIS680 file names of a prefix: keys "img", "mask", "labels", "bboxes"."""
+    prefix = str(prefix)
+    return {
+        "img": Path(f"{prefix}_img_comp_zlib.h5"),
+        "mask": Path(f"{prefix}_mask_comp_zlib.h5"),
+        "labels": Path(f"{prefix}_labels_comp_zlib.npy"),
+        "bboxes": Path(f"{prefix}_bboxes_comp_zlib.npy"),
+    }
+
+
+def _check_sample(
+    i: int, image: Any, masks: Any, labels: Any, boxes: Any, frame: tuple[int, int] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validate one writer sample and convert it to the stored dtypes."""
+    where = f"write_cis680 sample {i}"
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[0] != 3 or image.dtype != np.uint8:
+        raise _fail(where, "image", f"is {image.dtype} {image.shape}", "uint8 (3, H, W)")
+    if frame is not None and image.shape[1:] != frame:
+        raise _fail(where, "image", f"has size {image.shape[1:]}", f"{frame} like sample 0")
+    masks = np.asarray(masks)
+    labels = np.asarray(labels).reshape(-1)
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    n = len(labels)
+    if masks.shape != (n, *image.shape[1:]):
+        raise _fail(where, "masks", f"have shape {masks.shape}", f"({n}, *image size)")
+    if len(boxes) != n:
+        raise _fail(where, "boxes", f"hold {len(boxes)} boxes", f"{n}, one per label")
+    if masks.dtype.kind not in "biuf":
+        raise _fail(where, "masks", f"have dtype {masks.dtype}", "uint8 or bool")
+    binary = masks.dtype.kind == "b" or (masks.dtype.kind == "u" and masks.max(initial=0) <= 1)
+    if masks.size and not binary and not np.isin(masks, (0, 1)).all():
+        raise _fail(where, "masks", "hold values other than 0 and 1", "binary masks")
+    if n and (labels.dtype.kind not in "iu" or labels.min() < 1):
+        raise _fail(where, "labels", f"are {labels.tolist()}", "integer class ids >= 1")
+    return image, masks.astype(np.uint8), labels.astype(np.int64), boxes
+
+
+def _object_array(items: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)  # 1-D even when every entry has the same shape
+    for i, item in enumerate(items):
+        out[i] = item
+    return out
+
+
+def write_cis680(
+    prefix: str | Path,
+    samples: Iterable[tuple[Any, Any, Any, Any]],
+    num_images: int | None = None,
+) -> dict[str, Path]:
+    """Write samples as the four CIS680 files of `prefix` (streamed, one image at a time).
+
+    samples: iterable of (image uint8 (3, 300, 400), masks (N, 300, 400) {0, 1}, labels int
+    (N,), boxes float (N, 4) x1 y1 x2 y2); any image size works if all images share it.
+    num_images: the expected count, used to preallocate; at most that many samples are taken.
+    Files are written under temporary names and renamed at the end, so an interrupted write
+    leaves no half-written set. Returns {"img", "mask", "labels", "bboxes"} -> Path.
+    """
+    paths = cis680_paths(prefix)
+    tmp = {key: p.with_name(f"{p.name}.{os.getpid()}.partial") for key, p in paths.items()}
+    paths["img"].parent.mkdir(parents=True, exist_ok=True)
+    label_list: list[np.ndarray] = []
+    box_list: list[np.ndarray] = []
+    img_file = h5py.File(tmp["img"], "w")
+    mask_file = h5py.File(tmp["mask"], "w")
+    try:
+        img_ds = mask_ds = None
+        frame = None
+        num_masks = 0
+        for i, sample in enumerate(samples):
+            if num_images is not None and i >= num_images:
+                break
+            image, masks, labels, boxes = _check_sample(i, *sample, frame=frame)
+            if img_ds is None:
+                frame = tuple(image.shape[1:])
+                img_ds, mask_ds = _create_h5_sets(img_file, mask_file, frame, num_images or 0)
+            if i >= img_ds.shape[0]:
+                img_ds.resize(i + 1, axis=0)
+            img_ds[i] = image
+            if len(masks):
+                mask_ds.resize(num_masks + len(masks), axis=0)
+                mask_ds[num_masks:] = masks
+                num_masks += len(masks)
+            label_list.append(labels)
+            box_list.append(boxes)
+        if img_ds is None:
+            img_ds, mask_ds = _create_h5_sets(img_file, mask_file, CIS680_IMAGE_SIZE, 0)
+        img_ds.resize(len(label_list), axis=0)  # fewer samples than num_images
+        img_file.close()
+        mask_file.close()
+        with open(tmp["labels"], "wb") as f:
+            np.save(f, _object_array(label_list), allow_pickle=True)
+        with open(tmp["bboxes"], "wb") as f:
+            np.save(f, _object_array(box_list), allow_pickle=True)
+        for key in paths:
+            os.replace(tmp[key], paths[key])
+    except BaseException:
+        img_file.close()
+        mask_file.close()
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+    return paths
+
+
+def _create_h5_sets(img_file, mask_file, frame, num_images):
+    h, w = frame
+    img_ds = img_file.create_dataset(
+        "data",
+        shape=(num_images, 3, h, w),
+        maxshape=(None, 3, h, w),
+        dtype=np.uint8,
+        chunks=(1, 3, h, w),
+        compression="gzip",
+    )
+    mask_ds = mask_file.create_dataset(
+        "data",
+        shape=(0, h, w),
+        maxshape=(None, h, w),
+        dtype=np.uint8,
+        chunks=(1, h, w),
+        compression="gzip",
+    )
+    return img_ds, mask_ds
+
+
+def _h5_single_dataset(h5file: h5py.File, path: Path) -> h5py.Dataset:
+    """The file's one data set, whatever its name ("data" wins when there are several)."""
+    found: list[tuple[str, h5py.Dataset]] = []
+
+    def collect(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            found.append((name, obj))
+
+    h5file.visititems(collect)
+    names = [name for name, _ in found]
+    if "data" in names:
+        return h5file["data"]
+    if len(found) != 1:
+        raise _fail(path, "HDF5 data sets", f"are {names}", 'one data set (named "data")')
+    return found[0][1]
+
+
+def _open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise _fail(path, "file", f"could not be opened as HDF5 ({exc})", "an HDF5 file") from exc
+
+
+def _load_object_npy(path: Path, field: str) -> list[np.ndarray]:
+    try:
+        arr = np.load(path, allow_pickle=True)
+    except (OSError, ValueError, EOFError) as exc:
+        raise _fail(path, field, f"could not be read ({exc})", "a .npy object array") from exc
+    if arr.ndim == 0:
+        raise _fail(path, field, "is a single value", "an array with one entry per image")
+    return [np.asarray(item) for item in arr]
+
+
+# --------------------------------------------------------------------------------------------
+# Data sets
+# --------------------------------------------------------------------------------------------
+
+
+class BuildDataset(Dataset):
+    """The hand-out's data set over CIS680 files (see the module docstring for the contract).
+
+    prefix: CIS680 prefix (see `cis680_paths`); size: (h, w) resize target, the hand-out's
+    800 x 1066; pad_to: padded size = size rounded up to multiples of it (800 x 1088);
+    indices: image indices of the file this data set holds (a split), default all;
+    augment: callable applied to each preprocessed sample (e.g. `TrainAugment()`);
+    check_masks: read every mask once at construction, in chunks of MASK_CHECK_CHUNK, to check
+    that none is empty (a few seconds for a few thousand 300 x 400 masks); when False, each
+    item's masks are checked when it is read.
+
+    Everything but the masks is validated at construction (counts, shapes, dtypes, label range,
+    boxes inside the image); a problem raises DataError naming the file. Images and masks are
+    read lazily per item; the HDF5 files are opened on first use in each process (DataLoader
+    workers included) and never pickled.
+    """
+
+    class_names = CIS680_CLASSES
+
+    def __init__(
+        self,
+        prefix: str | Path,
+        size: tuple[int, int] = CIS680_INPUT_SIZE,
+        pad_to: int | None = 32,
+        indices: Sequence[int] | None = None,
+        augment: Callable | None = None,
+        check_masks: bool = True,
+    ):
+        self.paths = cis680_paths(prefix)
+        for key, path in self.paths.items():
+            if not path.is_file():
+                raise _fail(path, "file", "was not found", f"the CIS680 {key} file of {prefix}")
+        self.size = (int(size[0]), int(size[1]))
+        self.pad_to = pad_to
+        self.augment = augment
+        self._files: dict[str, h5py.File] | None = None
+        self._pid: int | None = None
+
+        img_path, mask_path = self.paths["img"], self.paths["mask"]
+        with _open_h5(img_path) as f:
+            ds = _h5_single_dataset(f, img_path)
+            self._img_key, img_shape, img_dtype = ds.name, ds.shape, ds.dtype
+        with _open_h5(mask_path) as f:
+            ds = _h5_single_dataset(f, mask_path)
+            self._mask_key, mask_shape, mask_dtype = ds.name, ds.shape, ds.dtype
+        if len(img_shape) != 4 or img_shape[1] != 3:
+            raise _fail(img_path, "images", f"have shape {img_shape}", "(N, 3, H, W)")
+        if img_dtype != np.uint8:
+            raise _fail(img_path, "images", f"have dtype {img_dtype}", "uint8")
+        if len(mask_shape) != 3 or tuple(mask_shape[1:]) != tuple(img_shape[2:]):
+            raise _fail(
+                mask_path,
+                "masks",
+                f"have shape {mask_shape}",
+                f"(M, {img_shape[2]}, {img_shape[3]})",
+            )
+        if mask_dtype.kind not in "buf":
+            raise _fail(mask_path, "masks", f"have dtype {mask_dtype}", "uint8, bool or float")
+        self.num_images = int(img_shape[0])
+        self.image_size = (int(img_shape[2]), int(img_shape[3]))
+        self.labels = self._load_labels(self.paths["labels"])
+        self.boxes = self._load_boxes(self.paths["bboxes"])
+        counts = np.array([len(lab) for lab in self.labels], dtype=np.int64)
+        if counts.sum() != mask_shape[0]:
+            raise _fail(
+                mask_path,
+                "masks",
+                f"number {mask_shape[0]}",
+                f"{counts.sum()}, the total number of labels in {self.paths['labels']}",
+            )
+        # mask rows of image i: offsets[i] .. offsets[i + 1] (the hand-out's grouping)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        if check_masks:
+            self._check_all_masks()
+        all_idx = range(self.num_images)
+        self.indices = list(all_idx) if indices is None else [int(i) for i in indices]
+        bad = [i for i in self.indices if not 0 <= i < self.num_images]
+        if bad:
+            raise _fail(img_path, "indices", f"include {bad[:5]}", f"0..{self.num_images - 1}")
+
+    # -- construction-time checks -----------------------------------------------------------
+    def _load_labels(self, path: Path) -> list[np.ndarray]:
+        items = _load_object_npy(path, "labels")
+        if len(items) != self.num_images:
+            raise _fail(
+                path,
+                "labels",
+                f"cover {len(items)} images",
+                f"{self.num_images}, the number of images in {self.paths['img']}",
+            )
+        C = len(self.class_names)
+        labels = []
+        for i, lab in enumerate(items):
+            lab = lab.reshape(-1)
+            if lab.size and (
+                lab.dtype.kind not in "iuf" or not np.all(np.equal(np.mod(lab, 1), 0))
+            ):
+                raise _fail(path, f"labels of image {i}", f"are {lab.tolist()}", "integer ids")
+            lab = lab.astype(np.int64)
+            if lab.size and (lab.min() < 1 or lab.max() > C):
+                raise _fail(path, f"labels of image {i}", f"are {lab.tolist()}", f"ids in 1..{C}")
+            labels.append(lab)
+        return labels
+
+    def _load_boxes(self, path: Path) -> list[np.ndarray]:
+        items = _load_object_npy(path, "bboxes")
+        if len(items) != self.num_images:
+            raise _fail(
+                path,
+                "bboxes",
+                f"cover {len(items)} images",
+                f"{self.num_images}, the number of images in {self.paths['img']}",
+            )
+        h, w = self.image_size
+        t = BOX_TOLERANCE
+        boxes = []
+        for i, (box, lab) in enumerate(zip(items, self.labels, strict=True)):
+            n = len(lab)
+            if box.size == 0 and n == 0:
+                boxes.append(np.zeros((0, 4), dtype=np.float32))
+                continue
+            if box.dtype.kind not in "iuf" or box.ndim != 2 or box.shape[1] != 4:
+                raise _fail(path, f"bboxes of image {i}", f"have shape {box.shape}", f"({n}, 4)")
+            if len(box) != n:
+                raise _fail(
+                    path,
+                    f"bboxes of image {i}",
+                    f"number {len(box)}",
+                    f"{n}, the number of labels of that image",
+                )
+            box = box.astype(np.float32)
+            x1, y1, x2, y2 = box.T
+            bad = ~np.isfinite(box).all(1) | (x1 < -t) | (y1 < -t) | (x2 > w + t) | (y2 > h + t)
+            bad |= (x2 <= x1) | (y2 <= y1)
+            if bad.any():
+                k = int(np.flatnonzero(bad)[0])
+                raise _fail(
+                    path,
+                    f"box {k} of image {i}",
+                    f"is {box[k].tolist()}",
+                    f"0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h} (inside the image)",
+                )
+            box[:, 0::2] = box[:, 0::2].clip(0, w)
+            box[:, 1::2] = box[:, 1::2].clip(0, h)
+            boxes.append(box)
+        return boxes
+
+    def _check_all_masks(self) -> None:
+        mask_path = self.paths["mask"]
+        with _open_h5(mask_path) as f:
+            ds = f[self._mask_key]
+            for start in range(0, ds.shape[0], MASK_CHECK_CHUNK):
+                chunk = ds[start : start + MASK_CHECK_CHUNK]
+                nonempty = (chunk.reshape(len(chunk), -1) >= 0.5).any(axis=1)
+                if not nonempty.all():
+                    self._raise_empty_mask(start + int(np.flatnonzero(~nonempty)[0]))
+
+    def _raise_empty_mask(self, row: int) -> None:
+        image = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        raise _fail(
+            self.paths["mask"],
+            f"mask {row} (instance {row - self.offsets[image]} of image {image})",
+            "is empty",
+            "at least one nonzero pixel per instance",
+        )
+
+    # -- lazy per-process file access -------------------------------------------------------
+    def _datasets(self) -> tuple[h5py.Dataset, h5py.Dataset]:
+        if self._files is None or self._pid != os.getpid():
+            # a fresh process (DataLoader worker): open our own handles, never reuse a parent's
+            self._files = {
+                "img": _open_h5(self.paths["img"]),
+                "mask": _open_h5(self.paths["mask"]),
+            }
+            self._pid = os.getpid()
+        return self._files["img"][self._img_key], self._files["mask"][self._mask_key]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_files"] = None  # open HDF5 handles are not picklable; reopened on first use
+        state["_pid"] = None
+        return state
+
+    def close(self) -> None:
+        if self._files is not None and self._pid == os.getpid():
+            for f in self._files.values():
+                f.close()
+        self._files = None
+
+    # -- items ------------------------------------------------------------------------------
+    def subset(self, items: Sequence[int], augment: Callable | None = None) -> BuildDataset:
+        """A data set of some of this one's items (positions in it), with its own augment;
+        the files are not read again."""
+        new = copy.copy(self)
+        new._files, new._pid = None, None
+        new.indices = [self.indices[int(i)] for i in items]
+        new.augment = augment
+        return new
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def num_instances(self, i: int) -> int:
+        """Number of instances of item i, from the labels file (no image read)."""
+        return len(self.labels[self.indices[i]])
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Item i before preprocessing: image uint8 (3, h0, w0), masks uint8 (N, h0, w0),
+        labels int64 (N,), boxes float32 (N, 4) in source pixels."""
+        idx = self.indices[i]
+        img_ds, mask_ds = self._datasets()
+        image = np.asarray(img_ds[idx])
+        start, end = int(self.offsets[idx]), int(self.offsets[idx + 1])
+        if end > start:
+            masks = (np.asarray(mask_ds[start:end]) >= 0.5).astype(np.uint8)
+            empty = ~masks.reshape(end - start, -1).any(axis=1)
+            if empty.any():
+                self._raise_empty_mask(start + int(np.flatnonzero(empty)[0]))
+        else:
+            masks = np.zeros((0, *self.image_size), dtype=np.uint8)
+        return image, masks, self.labels[idx].copy(), self.boxes[idx].copy()
+
+    def __getitem__(self, i: int):
+        idx = self.indices[i]
+        image, masks, labels, boxes = self.raw(i)
+        img, masks_t, boxes_t, parts = preprocess(
+            torch.from_numpy(image),
+            torch.from_numpy(masks),
+            torch.from_numpy(boxes),
+            self.size,
+            self.pad_to,
+        )
+        meta = {"image_id": int(idx), **parts, "file_name": f"{self.paths['img']}#{idx}"}
+        sample = (img, torch.from_numpy(labels), masks_t, boxes_t, meta)
+        return self.augment(sample) if self.augment is not None else sample
+
+
+def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
+    """COCO segmentation (polygons, uncompressed or compressed RLE) -> uint8 (height, width).
+
+    Polygons with fewer than 3 points are ignored (no area; pycocotools would read a 4-number
+    list as a box).
+    """
+    if isinstance(segm, list):
+        polygons = [p for p in segm if len(p) >= 6]
+        if not polygons:
+            return np.zeros((height, width), dtype=np.uint8)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segm["counts"], list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segm, height, width)
+    else:  # compressed RLE
+        rle = segm
+    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+
+
+def _check_annotation(ann: dict, image: dict, json_path: Path) -> None:
+    """Metadata check of one COCO annotation at construction (no decoding)."""
+    where = f"annotation {ann.get('id')} (image {ann.get('image_id')})"
+    h, w = image["height"], image["width"]
+    segm = ann.get("segmentation")
+    if isinstance(segm, list):
+        ok = all(
+            isinstance(p, list) and len(p) % 2 == 0 and all(isinstance(v, (int, float)) for v in p)
+            for p in segm
+        )
+        if not ok:
+            raise _fail(
+                json_path, f"{where} segmentation", "is malformed", "polygons [x y x y ...]"
+            )
+    elif isinstance(segm, dict):
+        if not isinstance(segm.get("counts"), (list, str, bytes)) or "size" not in segm:
+            raise _fail(json_path, f"{where} segmentation", "is malformed", "RLE {counts, size}")
+        if list(segm["size"]) != [h, w]:
+            raise _fail(
+                json_path, f"{where} segmentation size", f"is {segm['size']}", f"[{h}, {w}]"
+            )
+    else:
+        raise _fail(json_path, f"{where} segmentation", f"is {type(segm).__name__}", "polygons/RLE")
+    bbox = ann.get("bbox")
+    if bbox is not None:
+        if not (isinstance(bbox, list) and len(bbox) == 4 and np.isfinite(bbox).all()):
+            raise _fail(json_path, f"{where} bbox", f"is {bbox}", "[x, y, width, height]")
+        x, y, bw, bh = bbox
+        t = BOX_TOLERANCE
+        if x < -t or y < -t or x + bw > w + t or y + bh > h + t:
+            raise _fail(
+                json_path,
+                f"{where} bbox",
+                f"{bbox} leaves the {w} x {h} image",
+                "a box inside the image",
+            )
+
+
+class CocoDataset(Dataset):
+    """COCO-format json + image folder with the same output contract as BuildDataset.
+
+    short_side / max_side: aspect-kept resize (short side to short_side unless the long side
+    would pass max_side); pad_to: zero padding to multiples of it. indices: positions in
+    `all_image_ids` (the json's image order, after drop_empty). cis680_classes: map categories
+    onto CIS680_CLASSES with COCO_TO_CIS680 (instances of other categories are dropped);
+    otherwise category ids map to 1..C in increasing id order, names kept in `.class_names`
+    and `.label_to_cat_id`. Crowd annotations never enter the targets; images without
+    (kept) annotations stay as negatives unless drop_empty. An annotation whose mask decodes
+    to nothing is dropped with a warning. `.coco` is a pycocotools COCO of the json and
+    `.image_ids` the COCO ids of this data set's items, in item order.
+    Validated at construction: the json, its references, annotation fields and boxes, and that
+    every image file exists (DataError naming the file otherwise).
+    """
+
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_dir: str | Path,
+        short_side: int = 800,
+        max_side: int = 1333,
+        pad_to: int | None = 32,
+        indices: Sequence[int] | None = None,
+        augment: Callable | None = None,
+        cis680_classes: bool = False,
+        drop_empty: bool = False,
+    ):
+        self.json_path = Path(json_path)
+        self.image_dir = Path(image_dir)
+        self.short_side, self.max_side, self.pad_to = short_side, max_side, pad_to
+        self.augment = augment
+        self.cis680_classes = cis680_classes
+        data = self._read_json()
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
+
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        if cis680_classes:
+            self.class_names = CIS680_CLASSES
+            self.cat_to_label = {
+                c["id"]: COCO_TO_CIS680[c["name"]] for c in cats if c["name"] in COCO_TO_CIS680
+            }
+            self.label_to_cat_id: dict[int, int] = {}
+        else:
+            self.class_names = tuple(c["name"] for c in cats)
+            self.cat_to_label = {c["id"]: k + 1 for k, c in enumerate(cats)}
+            self.label_to_cat_id = {k + 1: c["id"] for k, c in enumerate(cats)}
+
+        self._anns: dict[int, list[dict]] = {}  # image id -> annotations kept for training
+        for image in data["images"]:
+            anns = self.coco.imgToAnns.get(image["id"], [])
+            kept = [
+                a for a in anns if not a.get("iscrowd", 0) and a["category_id"] in self.cat_to_label
+            ]
+            for ann in kept:
+                _check_annotation(ann, image, self.json_path)
+            self._anns[image["id"]] = kept
+        self.all_image_ids = [
+            im["id"] for im in data["images"] if self._anns[im["id"]] or not drop_empty
+        ]
+        n = len(self.all_image_ids)
+        self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise _fail(self.json_path, "indices", f"include {bad[:5]}", f"0..{n - 1}")
+        self.image_ids = [self.all_image_ids[i] for i in self.indices]
+        self._warned: set = set()
+
+    def _read_json(self) -> dict:
+        path = self.json_path
+        if not path.is_file():
+            raise _fail(path, "annotation file", "was not found", "a COCO-format json file")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _fail(path, "file", f"could not be read as json ({exc})", "COCO json") from exc
+        if not isinstance(data, dict):
+            raise _fail(path, "top level", f"is a {type(data).__name__}", "a json object")
+        for key in ("images", "categories"):
+            if not isinstance(data.get(key), list):
+                raise _fail(path, f"field '{key}'", "is missing or not a list", "a list")
+        data.setdefault("annotations", [])
+        if not isinstance(data["annotations"], list):
+            raise _fail(path, "field 'annotations'", "is not a list", "a list")
+        images = {}
+        for k, image in enumerate(data["images"]):
+            missing = [f for f in ("id", "file_name", "height", "width") if f not in image]
+            if missing:
+                raise _fail(
+                    path, f"images[{k}]", f"lacks {missing}", "id, file_name, height, width"
+                )
+            images[image["id"]] = image
+            if not (self.image_dir / image["file_name"]).is_file():
+                raise _fail(
+                    self.image_dir / image["file_name"],
+                    f"image file (images[{k}] of {path})",
+                    "was not found",
+                    f"an image file in {self.image_dir}",
+                )
+        cat_ids = set()
+        for k, cat in enumerate(data["categories"]):
+            if "id" not in cat or "name" not in cat:
+                raise _fail(path, f"categories[{k}]", "lacks id or name", "{id, name}")
+            cat_ids.add(cat["id"])
+        for k, ann in enumerate(data["annotations"]):
+            if ann.get("image_id") not in images:
+                raise _fail(
+                    path,
+                    f"annotations[{k}] image_id",
+                    f"is {ann.get('image_id')}",
+                    "the id of an entry of 'images'",
+                )
+            if ann.get("category_id") not in cat_ids:
+                raise _fail(
+                    path,
+                    f"annotations[{k}] category_id",
+                    f"is {ann.get('category_id')}",
+                    "the id of an entry of 'categories'",
+                )
+            ann.setdefault("id", k + 1)
+        return data
+
+    def subset(self, items: Sequence[int], augment: Callable | None = None) -> CocoDataset:
+        """A data set of some of this one's items (positions in it), with its own augment;
+        the json is not read again."""
+        new = copy.copy(self)
+        new.indices = [self.indices[int(i)] for i in items]
+        new.image_ids = [self.all_image_ids[i] for i in new.indices]
+        new.augment = augment
+        new._warned = set()
+        return new
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def num_instances(self, i: int) -> int:
+        """Number of annotations of item i kept for training (before decoding)."""
+        return len(self._anns[self.image_ids[i]])
+
+    def _read_image(self, info: dict) -> np.ndarray:
+        path = self.image_dir / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                if im.size != (info["width"], info["height"]):
+                    raise _fail(
+                        path,
+                        "image size",
+                        f"is {im.size[0]} x {im.size[1]}",
+                        f"{info['width']} x {info['height']} as {self.json_path} says",
+                    )
+                array = np.asarray(im.convert("RGB"))  # grayscale, palette, RGBA -> RGB
+        except OSError as exc:
+            raise _fail(path, "image", f"could not be read ({exc})", "an image file") from exc
+        return np.ascontiguousarray(array.transpose(2, 0, 1))  # (h0, w0, 3) -> (3, h0, w0)
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Item i at its original size: image uint8 (3, h0, w0), masks uint8 (N, h0, w0),
+        labels int64 (N,), boxes float32 (N, 4) x1 y1 x2 y2 (json bbox, or the mask's box
+        when the json has none)."""
+        image_id = self.image_ids[i]
+        info = self.coco.imgs[image_id]
+        image = self._read_image(info)
+        h0, w0 = image.shape[1:]
+        masks, labels, boxes = [], [], []
+        for ann in self._anns[image_id]:
+            try:
+                mask = decode_segmentation(ann["segmentation"], h0, w0)
+            except Exception as exc:  # pycocotools raises assorted types on bad input
+                raise _fail(
+                    self.json_path,
+                    f"annotation {ann['id']} segmentation",
+                    f"could not be decoded ({exc})",
+                    "valid polygons or RLE",
+                ) from exc
+            if not mask.any():
+                if ann["id"] not in self._warned:
+                    self._warned.add(ann["id"])
+                    warnings.warn(
+                        f"{self.json_path}: annotation {ann['id']} of image {image_id} has an "
+                        "empty mask; it is left out of the targets.",
+                        stacklevel=2,
+                    )
+                continue
+            bbox = ann.get("bbox")
+            if bbox is not None and bbox[2] > 0 and bbox[3] > 0:
+                x, y, bw, bh = bbox
+                box = np.array([x, y, x + bw, y + bh], dtype=np.float32)
+                box[0::2] = box[0::2].clip(0, w0)
+                box[1::2] = box[1::2].clip(0, h0)
+            else:
+                box = masks_to_boxes(mask[None])[0]
+            masks.append(mask)
+            labels.append(self.cat_to_label[ann["category_id"]])
+            boxes.append(box)
+        if masks:
+            return image, np.stack(masks), np.array(labels, np.int64), np.stack(boxes)
+        empty = np.zeros((0, h0, w0), dtype=np.uint8)
+        return image, empty, np.zeros((0,), np.int64), np.zeros((0, 4), np.float32)
+
+    def __getitem__(self, i: int):
+        image, masks, labels, boxes = self.raw(i)
+        size = coco_input_size(image.shape[1:], self.short_side, self.max_side)
+        img, masks_t, boxes_t, parts = preprocess(
+            torch.from_numpy(image),
+            torch.from_numpy(masks),
+            torch.from_numpy(boxes),
+            size,
+            self.pad_to,
+        )
+        image_id = self.image_ids[i]
+        file_name = str(self.image_dir / self.coco.imgs[image_id]["file_name"])
+        meta = {"image_id": int(image_id), **parts, "file_name": file_name}
+        sample = (img, torch.from_numpy(labels), masks_t, boxes_t, meta)
+        return self.augment(sample) if self.augment is not None else sample
+
+
+# --------------------------------------------------------------------------------------------
+# Training augmentation
+# --------------------------------------------------------------------------------------------
+
+
+def _denormalize(img: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return img * std + mean
+
+
+class TrainAugment:
+    """Random photometric and geometric augmentation of a preprocessed sample.
+
+    Applied to the 5-tuple a data set returns (after preprocessing and padding): it works on
+    the valid region meta["input_size"] (the padding is cut away first), so the flip mirrors
+    the image, not the padding. Steps, with torchvision.transforms.v2 on tv_tensors:
+    brightness and contrast jitter (factors in 1 +- brightness / contrast, on the [0, 1]
+    image), horizontal flip with flip_prob, a random scale in scale_range, then a random crop
+    back to at most input_size (a smaller image is kept whole). The result is renormalised
+    and zero-padded into the same H x W frame, so batches still stack; image content stays
+    inside the input_size region. Instances with fewer than min_area mask pixels left are
+    dropped, and boxes are recomputed from the masks (`masks_to_boxes`). meta is kept and
+    gains meta["augment"] = {"hflip", "scale", "crop" (top, left), "brightness", "contrast"}.
+
+    Random numbers come from torch's global generator (one fixed-size draw per call), so
+    torch.manual_seed and DataLoader worker seeding make it reproducible.
+    """
+
+    def __init__(
+        self,
+        flip_prob: float = 0.5,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        scale_range: tuple[float, float] = (0.8, 1.2),
+        min_area: int = 4,
+    ):
+        self.flip_prob = flip_prob
+        self.brightness = brightness
+        self.contrast = contrast
+        self.scale_range = scale_range
+        self.min_area = min_area
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainAugment(flip_prob={self.flip_prob}, brightness={self.brightness}, "
+            f"contrast={self.contrast}, scale_range={self.scale_range}, min_area={self.min_area})"
+        )
+
+    def __call__(self, sample: tuple) -> tuple:
+        img, labels, masks, boxes, meta = sample
+        _, H, W = img.shape
+        h, w = meta["input_size"]
+        u = torch.rand(6).tolist()  # brightness, contrast, flip, scale, crop top, crop left
+        bright = 1.0 + self.brightness * (2 * u[0] - 1)
+        contr = 1.0 + self.contrast * (2 * u[1] - 1)
+        flip = u[2] < self.flip_prob
+        lo, hi = self.scale_range
+        scale = lo + (hi - lo) * u[3]
+
+        image = tv_tensors.Image(_denormalize(img[:, :h, :w]).clamp(0, 1))
+        ins_masks = tv_tensors.Mask(masks[:, :h, :w])
+        N = len(labels)
+        image = TF2.adjust_brightness(image, bright)
+        image = TF2.adjust_contrast(image, contr)
+        if flip:
+            image = TF2.horizontal_flip(image)
+            ins_masks = TF2.horizontal_flip(ins_masks)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        if (nh, nw) != (h, w):
+            image = TF2.resize(image, [nh, nw], antialias=True)
+            if N:
+                ins_masks = TF2.resize(ins_masks, [nh, nw])  # nearest for Mask: stays {0, 1}
+        ch, cw = min(nh, h), min(nw, w)
+        top = min(int(u[4] * (nh - ch + 1)), nh - ch)
+        left = min(int(u[5] * (nw - cw + 1)), nw - cw)
+        image = TF2.crop(image, top, left, ch, cw)
+
+        out_img = torch.zeros((3, H, W), dtype=torch.float32)
+        out_img[:, :ch, :cw] = TF.normalize(
+            image.as_subclass(torch.Tensor), IMAGENET_MEAN, IMAGENET_STD
+        )
+        out_masks = torch.zeros((N, H, W), dtype=torch.uint8)
+        if N:
+            ins_masks = TF2.crop(ins_masks, top, left, ch, cw)
+            out_masks[:, :ch, :cw] = ins_masks.as_subclass(torch.Tensor)
+        keep = out_masks.flatten(1).sum(dim=1) >= self.min_area
+        out_masks = out_masks[keep]
+        meta = {
+            **meta,
+            "augment": {
+                "hflip": flip,
+                "scale": scale,
+                "crop": (top, left),
+                "brightness": bright,
+                "contrast": contr,
+            },
+        }
+        return out_img, labels[keep], out_masks, masks_to_boxes(out_masks), meta
+
+
+# --------------------------------------------------------------------------------------------
+# Building data sets and loaders
+# --------------------------------------------------------------------------------------------
+
+
+def collate_fn(batch: Sequence[tuple]) -> tuple:
+    """The hand-out's collate function, with padding to the batch's largest H and W.
+
+    batch: list of (img (3, H_b, W_b), labels (N_b,), masks (N_b, H_b, W_b), boxes (N_b, 4),
+    meta). Returns imgs (B, 3, H, W), label_list, mask_list (each (N_b, H, W)), box_list,
+    meta_list. Padding is at the bottom/right, so boxes and meta are unchanged.
+    """
+    H = max(sample[0].shape[-2] for sample in batch)
+    W = max(sample[0].shape[-1] for sample in batch)
+    imgs, label_list, mask_list, box_list, meta_list = [], [], [], [], []
+    for img, labels, masks, boxes, meta in batch:
+        pad = (0, W - img.shape[-1], 0, H - img.shape[-2])
+        imgs.append(F.pad(img, pad))
+        label_list.append(labels)
+        mask_list.append(F.pad(masks, pad))
+        box_list.append(boxes)
+        meta_list.append(meta)
+    return torch.stack(imgs, dim=0), label_list, mask_list, box_list, meta_list
+
+
+class BuildDataLoader:
+    """The hand-out's loader builder: `BuildDataLoader(ds, 2, shuffle=True).loader()`.
+
+    seed: seeds the shuffling and, through it, the DataLoader workers' torch generators
+    (hence TrainAugment), so a run is reproducible. pin_memory defaults to CUDA availability;
+    workers persist between epochs when num_workers > 0.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int = 2,
+        shuffle: bool = False,
+        num_workers: int = 0,
+        seed: int | None = None,
+        pin_memory: bool | None = None,
+        drop_last: bool = False,
+    ):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.seed = seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.drop_last = drop_last
+
+    collect_fn = staticmethod(collate_fn)  # the hand-out's spelling
+
+    def loader(self) -> DataLoader:
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=self.pin_memory,
+            drop_last=self.drop_last,
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+        )
+
+
+def build_datasets(
+    data: str | Path,
+    coco_images: str | Path | None = None,
+    *,
+    size: tuple[int, int] = CIS680_INPUT_SIZE,
+    pad_to: int | None = 32,
+    short_side: int | None = None,
+    max_side: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    split: Any = None,
+    augment: bool | Callable | None = True,
+    cis680_classes: bool = False,
+    drop_empty: bool = False,
+) -> tuple[Dataset, Dataset]:
+    """(train_set, val_set) for a CIS680 prefix, or for a COCO json (a path ending in .json,
+    with coco_images its image folder). The split (see `resolve_split`: None gives the seeded
+    80/20 split) runs over all images of the source; augment (True: `TrainAugment()`, or any
+    callable) applies to the training part only. For COCO, short_side / max_side default to
+    min(size) / max(size), so one size setting serves both sources.
+    """
+    if augment is True:
+        augment = TrainAugment()
+    augment = augment or None
+    if str(data).lower().endswith(".json"):
+        if coco_images is None:
+            raise _fail(data, "coco_images", "was not given", "the folder of the json's images")
+        full: BuildDataset | CocoDataset = CocoDataset(
+            data,
+            coco_images,
+            short_side=short_side or min(size),
+            max_side=max_side or max(size),
+            pad_to=pad_to,
+            cis680_classes=cis680_classes,
+            drop_empty=drop_empty,
+        )
+    else:
+        full = BuildDataset(data, size=size, pad_to=pad_to)
+    train_idx, val_idx = resolve_split(split, len(full), val_fraction, seed)
+    return full.subset(train_idx, augment=augment), full.subset(val_idx)
+
+
+def coco_to_cis680(
+    json_path: str | Path,
+    image_dir: str | Path,
+    out_prefix: str | Path,
+    drop_empty: bool = False,
+    image_size: tuple[int, int] = CIS680_IMAGE_SIZE,
+) -> dict[str, Path]:
+    """Convert COCO-format data into CIS680 files with the hand-out's three classes.
+
+    Categories are grouped by COCO_TO_CIS680 (others dropped, crowd regions left out); images
+    are brought to image_size (300 x 400) with the aspect ratio kept and zero padding at the
+    bottom/right; masks and boxes follow. Images with no mapped instance are kept as negatives
+    unless drop_empty. Returns the written paths (see `write_cis680`).
+    """
+    source = CocoDataset(json_path, image_dir, cis680_classes=True, drop_empty=drop_empty)
+
+    def samples():
+        for i in range(len(source)):
+            image, masks, labels, boxes = source.raw(i)
+            image, masks, boxes = letterbox(image, masks, boxes, image_size)
+            yield image, masks, labels, boxes
+
+    return write_cis680(out_prefix, samples(), num_images=len(source))
+
+
+# --------------------------------------------------------------------------------------------
+# Plotting helpers
+# --------------------------------------------------------------------------------------------
+
+
+def pick_samples(dataset: Dataset, num: int) -> list[int]:
+    """Up to num item indices: images with >= 2 instances first, then the others, in order."""
+    counts = [dataset.num_instances(i) for i in range(len(dataset))]
+    several = [i for i, c in enumerate(counts) if c >= 2]
+    others = [i for i, c in enumerate(counts) if c < 2]
+    return (several + others)[:num]
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(
+        description="Visual check of the data: save pictures of images, boxes and masks."
+    )
+    parser.add_argument("--cis680", metavar="PREFIX", help="CIS680 files with this prefix")
+    parser.add_argument("--coco-json", metavar="FILE", help="COCO-format annotation json")
+    parser.add_argument("--coco-images", metavar="DIR", help="image folder of --coco-json")
+    parser.add_argument(
+        "--cis680-classes", action="store_true", help="map COCO categories to the 3 classes"
+    )
+    parser.add_argument(
+        "--to-cis680", metavar="OUT_PREFIX", help="convert --coco-json to CIS680 files first"
+    )
+    parser.add_argument(
+        "--drop-empty", action="store_true", help="--to-cis680: leave out images without objects"
+    )
+    parser.add_argument("--out", default="outputs/dataset_samples", help="output folder")
+    parser.add_argument("--num", type=int, default=5, help="number of pictures")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="resize target (CIS680, default 800 1066) or short/long side (COCO, 800 1333)",
+    )
+    args = parser.parse_args(argv)
+    if (args.coco_json is None) != (args.coco_images is None):
+        parser.error("--coco-json and --coco-images go together")
+    if args.to_cis680 and args.coco_json is None:
+        parser.error("--to-cis680 needs --coco-json and --coco-images")
+
+    cis_size = tuple(args.size) if args.size else CIS680_INPUT_SIZE
+    if args.to_cis680:
+        paths = coco_to_cis680(
+            args.coco_json, args.coco_images, args.to_cis680, drop_empty=args.drop_empty
+        )
+        print("wrote CIS680 files:", *(str(p) for p in paths.values()), sep="\n  ")
+        dataset: Dataset = BuildDataset(args.to_cis680, size=cis_size)
+    elif args.coco_json:
+        short, long = args.size if args.size else (800, 1333)
+        dataset = CocoDataset(
+            args.coco_json,
+            args.coco_images,
+            short_side=short,
+            max_side=long,
+            cis680_classes=args.cis680_classes,
+        )
+    else:
+        prefix = args.cis680
+        if prefix is None:
+            import synthetic
+
+            prefix = synthetic.ensure_builtin_dataset()
+        dataset = BuildDataset(prefix, size=cis_size)
+    print(f"{len(dataset)} images, classes {dataset.class_names}")
+
+    import visualize
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for k, i in enumerate(pick_samples(dataset, args.num)):
+        img, labels, masks, boxes, meta = dataset[i]
+        title = f"{Path(meta['file_name']).name}: {len(labels)} objects"
+        fig = visualize.draw_instances(
+            img, masks, labels, dataset.class_names, boxes=boxes, title=title
+        )
+        path = out / f"sample_{k:02d}.png"
+        fig.savefig(path, dpi=80)
+        saved.append(path)
+    print(f"saved {len(saved)} pictures to {out}")
+    return saved
+
+
+if __name__ == "__main__":
+    main()
