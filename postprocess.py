@@ -1,0 +1,293 @@
+"""SOLO inference post-processing: point NMS, Matrix NMS and per-image finishing.
+
+Hand-out section 6.10 (PostProcess, PostProcessImg, MatrixNMS, points_nms), with the errata
+in shared/seeds/README.md applied: Matrix NMS is class-aware, its compensation term is each
+suppressor's own largest IoU with a higher-scored mask of its class, and no decay factor is
+above 1. The order of the steps in `finish_single` follows the authors' `get_seg_single`
+(SOLO, Wang et al. 2020, section 3.3 / SOLOv2 section 4): threshold the category scores,
+binarise the masks, weight the scores by maskness, keep the top few, Matrix NMS, keep the
+top `keep_instance`, and only then resize the few survivors to the original image size.
+
+Nothing here is runnable on its own; `solo_head.py` calls these functions and
+`tests/test_postprocess.py` checks them on hand-built inputs with known answers.
+
+Shape legend:
+    B  batch             C  classes without background (labels are 1..C, 0 = background)
+    S  grid size         K  grid cells of all levels together (sum of S*S)
+    n  candidate masks   k  kept instances after NMS
+    h4 x w4  mask-prediction size (H/4 x W/4 of the padded input)
+    H x W    padded input size     h x w  input size before padding (padding bottom/right)
+    h0 x w0  original image size
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# --- config ------------------------------------------------------------------------------
+
+NMS_KERNELS = ("gaussian", "linear")  # Matrix NMS decay functions (SOLOv2 Eq. 4)
+RESIZE_CHUNK = 16  # masks resized at once in `finish_single` (a 800x1088 float mask is 3.5 MB)
+
+
+# --- point NMS ---------------------------------------------------------------------------
+
+
+def points_nms(heat: Tensor) -> Tensor:
+    """Suppress category scores that are not a 2x2 local maximum (hand-out 6.10.4).
+
+    A 2x2 max-pool with stride 1 and padding 1 gives, at output index (i, j), the maximum of
+    input cells (i-1..i, j-1..j); the top-left S x S block of it is compared with `heat`. So a
+    cell survives when it is >= its upper, left and upper-left neighbours (each class channel on
+    its own). Ties keep every tied cell: a flat 2x2 block survives whole. A peak's right, lower
+    and lower-right neighbours are zeroed; its upper and left neighbours are only compared with
+    their own upper/left neighbours (the authors' one-sided 2x2 window, kept as is).
+
+    Args:
+        heat: (B, C, S, S) category probabilities.
+    Returns:
+        (B, C, S, S) `heat` with the suppressed cells set to 0.
+    """
+    if heat.dim() != 4:
+        raise ValueError(f"points_nms: heat must be (B, C, S, S), got shape {tuple(heat.shape)}.")
+    pooled = F.max_pool2d(heat, kernel_size=2, stride=1, padding=1)  # (B, C, S+1, S+1)
+    keep = pooled[..., :-1, :-1] == heat  # (B, C, S, S)
+    return heat * keep
+
+
+# --- Matrix NMS --------------------------------------------------------------------------
+
+
+def mask_ious(masks: Tensor, mask_area: Tensor | None = None) -> Tensor:
+    """IoU of every pair of binary masks, from one (n, h*w) float matmul.
+
+    Args:
+        masks: (n, h, w) binary masks (bool, uint8 or float 0/1).
+        mask_area: optional (n,) pixel counts of `masks` (saves a sum when already known).
+    Returns:
+        (n, n) float IoU matrix; a pair of empty masks has IoU 0.
+    """
+    n = masks.shape[0]
+    flat = masks.reshape(n, -1).float()  # (n, h, w) -> (n, h*w)
+    area = flat.sum(dim=1) if mask_area is None else mask_area.to(flat)  # (n,)
+    inter = flat @ flat.T  # (n, n) pixel counts, exact in float32 below 2**24 pixels
+    union = area[:, None] + area[None, :] - inter  # (n, n)
+    return inter / union.clamp(min=1e-6)
+
+
+def matrix_nms(
+    masks: Tensor,
+    labels: Tensor,
+    scores: Tensor,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+    mask_area: Tensor | None = None,
+) -> Tensor:
+    """Class-aware Matrix NMS (SOLOv2 section 4, Eq. 4; errata items 1-3).
+
+    For mask j, decay_j = min(1, min_i f(iou_ij) / f(cmax_i)) over the masks i of j's class that
+    score higher than j, where cmax_i is mask i's own largest IoU with a higher-scored mask of
+    its class. Kernels: gaussian f(x) = exp(-sigma * x**2) (sigma = 2 is the hand-out's
+    exp(-(iou**2 - cmax**2) / 0.5)), linear f(x) = 1 - x. Everything is one (n, n) matrix, no
+    loop over masks.
+
+    Scores may come in any order: they are sorted internally (stable, descending, so among equal
+    scores the earlier input counts as higher-scored) and the result is aligned with the input.
+
+    Args:
+        masks: (n, h, w) binary masks (bool, uint8 or float 0/1).
+        labels: (n,) class ids; only masks with equal labels decay each other.
+        scores: (n,) scores.
+        kernel: "gaussian" or "linear".
+        sigma: gaussian kernel width (the authors' 2.0).
+        mask_area: optional (n,) pixel counts of `masks`.
+    Returns:
+        (n,) decayed scores, scores * decay with 0 <= decay <= 1, in the input order.
+    """
+    if kernel not in NMS_KERNELS:
+        raise ValueError(f"matrix_nms: kernel must be one of {NMS_KERNELS}, got {kernel!r}.")
+    n = scores.shape[0]
+    if masks.shape[0] != n or labels.shape[0] != n:
+        raise ValueError(
+            f"matrix_nms: masks {tuple(masks.shape)}, labels {tuple(labels.shape)} and scores "
+            f"{tuple(scores.shape)} must have the same first size n."
+        )
+    if n == 0:
+        return scores.new_zeros(0)
+
+    order = torch.argsort(scores, descending=True, stable=True)  # (n,)
+    sorted_scores = scores[order]
+    sorted_labels = labels[order]
+    area = None if mask_area is None else mask_area[order]
+    # ious[i, j]: IoU of a higher-scored mask i with a lower-scored mask j of the same class.
+    ious = mask_ious(masks[order], area).triu(diagonal=1)  # (n, n)
+    same_class = sorted_labels[:, None] == sorted_labels[None, :]  # (n, n)
+    ious = ious * same_class
+    # cmax_i: how much mask i is itself suppressed; row i of the compensation holds cmax_i.
+    cmax = ious.max(dim=0).values  # (n,)
+    comp = cmax[:, None].expand(n, n)  # (n, n)
+    if kernel == "gaussian":
+        decay_matrix = torch.exp(-sigma * (ious**2 - comp**2))
+    else:
+        # An exact duplicate of a higher mask has cmax = 1; eps keeps 0/0 out of the min.
+        decay_matrix = (1 - ious) / (1 - comp).clamp(min=1e-6)
+    # Rows that are not a higher-scored same-class mask give >= 1, and row 0 (the top mask,
+    # cmax 0) gives <= 1 in every column, so the column minimum is already <= 1; the clamp
+    # only guards rounding.
+    decay = decay_matrix.min(dim=0).values.clamp(max=1.0)  # (n,)
+    decayed = torch.empty_like(sorted_scores)
+    decayed[order] = sorted_scores * decay
+    return decayed
+
+
+# --- candidates and per-image finishing --------------------------------------------------
+
+
+def select_candidates(cate_scores: Tensor, cate_thresh: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Every (cell, class) entry above the threshold is a candidate instance.
+
+    A cell can give several candidates (one per class above the threshold); they share the
+    cell's mask. Candidates come in row-major (cell, class) order.
+
+    Args:
+        cate_scores: (K, C) category probabilities of all levels, flattened cell by cell.
+        cate_thresh: keep entries strictly above this.
+    Returns:
+        cell_idx (n,) int64 row of `cate_scores` (mask channel), labels (n,) int64 in 1..C,
+        scores (n,) the selected probabilities.
+    """
+    if cate_scores.dim() != 2:
+        raise ValueError(
+            f"select_candidates: cate_scores must be (K, C), got {tuple(cate_scores.shape)}."
+        )
+    hits = (cate_scores > cate_thresh).nonzero()  # (n, 2) rows (cell, class index 0..C-1)
+    cell_idx, class_idx = hits[:, 0], hits[:, 1]
+    return cell_idx, class_idx + 1, cate_scores[cell_idx, class_idx]
+
+
+def _empty_result(orig_size: tuple[int, int], device: torch.device) -> dict[str, Tensor]:
+    """(0, h0, w0) uint8 masks, (0,) int64 labels, (0,) float32 scores."""
+    h0, w0 = orig_size
+    return {
+        "masks": torch.zeros((0, h0, w0), dtype=torch.uint8, device=device),
+        "labels": torch.zeros(0, dtype=torch.int64, device=device),
+        "scores": torch.zeros(0, dtype=torch.float32, device=device),
+    }
+
+
+def resize_masks(
+    mask_probs: Tensor,
+    padded_size: tuple[int, int],
+    input_size: tuple[int, int],
+    orig_size: tuple[int, int],
+    ins_thresh: float = 0.5,
+    chunk: int = RESIZE_CHUNK,
+) -> Tensor:
+    """Soft masks at feature size -> binary masks at the original image size (authors' order).
+
+    Bilinear upsampling to the padded input, crop of the bottom/right padding, bilinear resize
+    to the original size, and only then the threshold. Done `chunk` masks at a time.
+
+    Args:
+        mask_probs: (k, h4, w4) soft masks in [0, 1].
+        padded_size: (H, W); input_size: (h, w) <= (H, W); orig_size: (h0, w0).
+    Returns:
+        (k, h0, w0) uint8 masks in {0, 1}.
+    """
+    h, w = input_size
+    out = torch.zeros(
+        (mask_probs.shape[0], *orig_size), dtype=torch.uint8, device=mask_probs.device
+    )
+    for start in range(0, mask_probs.shape[0], chunk):
+        part = mask_probs[start : start + chunk, None].float()  # (c, h4, w4) -> (c, 1, h4, w4)
+        part = F.interpolate(part, size=tuple(padded_size), mode="bilinear", align_corners=False)
+        part = part[:, :, :h, :w]  # (c, 1, H, W) -> (c, 1, h, w): drop the padding
+        part = F.interpolate(part, size=tuple(orig_size), mode="bilinear", align_corners=False)
+        out[start : start + chunk] = (part[:, 0] > ins_thresh).to(torch.uint8)
+    return out
+
+
+def finish_single(
+    mask_probs: Tensor,
+    labels: Tensor,
+    scores: Tensor,
+    ins_thresh: float = 0.5,
+    pre_nms_num: int = 50,
+    keep_instance: int = 5,
+    nms_kernel: str = "gaussian",
+    nms_sigma: float = 2.0,
+    input_size: tuple[int, int] | None = None,
+    padded_size: tuple[int, int] | None = None,
+    orig_size: tuple[int, int] | None = None,
+    update_thresh: float = 0.0,
+    strides: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Turn one image's candidates into final instances (hand-out 6.10.2, PostProcessImg).
+
+    Steps: binarise at `ins_thresh`; drop empty masks (and, with `strides`, masks whose area is
+    not larger than their level's stride, SOLOv2's filter); score = category score x maskness
+    (mean soft value inside the binary mask); keep the `pre_nms_num` best; Matrix NMS; drop
+    decayed scores below `update_thresh`; keep the `keep_instance` best; resize the soft masks
+    (see `resize_masks`) and binarise. A detection whose mask is empty at the original size
+    (it lay in the padding) is dropped, so fewer than `keep_instance` may come back.
+
+    Args:
+        mask_probs: (n, h4, w4) soft masks in [0, 1] of the candidates.
+        labels: (n,) int64 class ids in 1..C.  scores: (n,) category probabilities.
+        input_size: (h, w) before padding (default: padded_size).
+        padded_size: (H, W) of the network input (default: 4 x (h4, w4)).
+        orig_size: (h0, w0) of the source image (default: input_size).
+        strides: optional (n,) stride (pixels) of each candidate's FPN level.
+    Returns:
+        dict with "masks" (k, h0, w0) uint8, "labels" (k,) int64, "scores" (k,) float32, sorted
+        by decreasing score, on `mask_probs.device`.
+    """
+    n, h4, w4 = mask_probs.shape
+    if labels.shape != (n,) or scores.shape != (n,):
+        raise ValueError(
+            f"finish_single: labels {tuple(labels.shape)} and scores {tuple(scores.shape)} must "
+            f"both be ({n},) to match mask_probs {tuple(mask_probs.shape)}."
+        )
+    padded_size = tuple(padded_size) if padded_size is not None else (4 * h4, 4 * w4)
+    input_size = tuple(input_size) if input_size is not None else padded_size
+    orig_size = tuple(orig_size) if orig_size is not None else input_size
+    device = mask_probs.device
+    if n == 0:
+        return _empty_result(orig_size, device)
+
+    masks = mask_probs > ins_thresh  # (n, h4, w4) bool
+    area = masks.sum(dim=(1, 2)).float()  # (n,)
+    keep = area > 0
+    if strides is not None:
+        keep &= area > strides.to(area)
+    mask_probs, masks, area = mask_probs[keep], masks[keep], area[keep]
+    labels, scores = labels[keep], scores[keep]
+    if labels.numel() == 0:
+        return _empty_result(orig_size, device)
+
+    maskness = (mask_probs * masks).sum(dim=(1, 2)) / area  # (n,) mean soft value in the mask
+    scores = scores * maskness
+    top = torch.argsort(scores, descending=True, stable=True)[:pre_nms_num]
+    mask_probs, masks, area, labels, scores = (
+        mask_probs[top],
+        masks[top],
+        area[top],
+        labels[top],
+        scores[top],
+    )
+
+    scores = matrix_nms(masks, labels, scores, nms_kernel, nms_sigma, mask_area=area)
+    keep = scores >= update_thresh
+    mask_probs, labels, scores = mask_probs[keep], labels[keep], scores[keep]
+    top = torch.argsort(scores, descending=True, stable=True)[:keep_instance]
+    mask_probs, labels, scores = mask_probs[top], labels[top], scores[top]
+
+    final_masks = resize_masks(mask_probs, padded_size, input_size, orig_size, ins_thresh)
+    nonempty = final_masks.flatten(1).amax(dim=1) > 0  # (k,) bool
+    return {
+        "masks": final_masks[nonempty],
+        "labels": labels[nonempty].to(torch.int64),
+        "scores": scores[nonempty].to(torch.float32),
+    }
