@@ -1,0 +1,276 @@
+"""Run a trained SOLO checkpoint: pictures of the masks, a COCO results json, and mask AP.
+
+    python main_infer.py --checkpoint runs/solo_cpu                 # the run's held-out split
+    python main_infer.py --checkpoint runs/solo_cpu --eval          # + COCO mask AP table
+    python main_infer.py --checkpoint runs/solo_cpu/last.pt --images photo.jpg folder/
+
+Pictures (`<image>_pred.png`: masks over the image in a colour per class, with class name and
+score) and `results.json` (COCO results format, RLE masks) go to `--out` (default
+`RUN/inference`). The model is rebuilt from the config stored in the checkpoint.
+
+Shape legend: B batch, k kept instances, h0 x w0 original image size, H x W padded input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import Config
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+# --------------------------------------------------------------------------------------------
+# running a model over data
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_batches(model, loader, device) -> list[tuple[dict, dict]]:
+    """[(meta, result)] for every image of `loader`; result = dict(masks (k,h0,w0) uint8,
+    labels (k,) int64, scores (k,) float32) on the CPU."""
+    model.eval()
+    out = []
+    for imgs, _, _, _, metas in loader:
+        results = model.predict(imgs.to(device), metas)
+        for meta, result in zip(metas, results, strict=True):
+            out.append((meta, {k: v.cpu() for k, v in result.items()}))
+    return out
+
+
+def _loader(dataset, batch_size: int, num_workers: int = 0):
+    from torch.utils.data import DataLoader
+
+    import dataset as ds
+
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=ds.collate_fn,
+    )
+
+
+def image_ids_of(dataset) -> list[int]:
+    """The `meta["image_id"]` of every item: COCO ids, or indices into the CIS680 files."""
+    if hasattr(dataset, "image_ids"):
+        return [int(i) for i in dataset.image_ids]
+    return [int(i) for i in dataset.indices]
+
+
+def uses_coco_json(dataset) -> bool:
+    """COCO-format data with its own categories is scored against its json (crowd regions
+    included, as COCO does); everything else against truth built from the masks."""
+    return hasattr(dataset, "coco") and not getattr(dataset, "cis680_classes", False)
+
+
+def ground_truth_of(dataset):
+    """A pycocotools COCO ground truth for `dataset`, built from its masks at original size
+    (CIS680 data, and COCO data mapped onto the CIS680 classes)."""
+    from evaluation import build_coco_gt
+
+    def samples():
+        for i, image_id in enumerate(image_ids_of(dataset)):
+            image, masks, labels, _ = dataset.raw(i)
+            yield image_id, tuple(image.shape[-2:]), np.asarray(masks), np.asarray(labels)
+
+    return build_coco_gt(samples(), dataset.class_names)
+
+
+def score(dataset, detections: list[dict]) -> dict:
+    """COCO mask AP of `detections` (from `detections_of`) on `dataset`."""
+    from evaluation import evaluate
+
+    if uses_coco_json(dataset):
+        return evaluate(dataset.coco, detections, img_ids=image_ids_of(dataset))
+    return evaluate(ground_truth_of(dataset), detections, img_ids=image_ids_of(dataset))
+
+
+def evaluate_model(model, dataset, cfg: Config, device, batch_size: int | None = None) -> dict:
+    """COCO mask AP/AP50/AP75/APs/APm/APl of `model` on `dataset` (no augmentation)."""
+    if getattr(dataset, "augment", None) is not None:
+        dataset = _without_augment(dataset)
+    loader = _loader(dataset, batch_size or cfg.batch_size)
+    predictions = predict_batches(model, loader, device)
+    return score(dataset, detections_of(predictions, dataset))
+
+
+def _without_augment(dataset):
+    import copy
+
+    plain = copy.copy(dataset)
+    plain.augment = None
+    return plain
+
+
+def detections_of(predictions, dataset=None) -> list[dict]:
+    """COCO results dicts; category ids are the json's for COCO-format data."""
+    from evaluation import results_to_coco
+
+    mapping = dataset.label_to_cat_id if dataset is not None and uses_coco_json(dataset) else None
+    return results_to_coco(
+        [meta["image_id"] for meta, _ in predictions], [r for _, r in predictions], mapping
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# loading a checkpoint and images
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(checkpoint_path, device) -> tuple[torch.nn.Module, Config, tuple[str, ...]]:
+    """(model in eval mode, its config, class names) from a run folder or checkpoint file."""
+    from main_train import config_of, load_checkpoint
+    from model import build_model
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    cfg = config_of(checkpoint)
+    class_names = tuple(checkpoint["class_names"])
+    model = build_model(cfg, num_classes=len(class_names))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), cfg, class_names
+
+
+def list_images(paths: list[str]) -> list[Path]:
+    """Image files named directly, or found (sorted) in named folders."""
+    found = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such image file or folder")
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {paths}")
+    return found
+
+
+def resize_shape(h0: int, w0: int, input_size: tuple[int, int]) -> tuple[int, int]:
+    """Aspect-kept size: short side to input_size[0], long side capped at input_size[1]."""
+    short, cap = input_size
+    scale = min(short / min(h0, w0), cap / max(h0, w0))
+    return max(1, round(h0 * scale)), max(1, round(w0 * scale))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Plain image files in the data-set contract (no objects), for inference."""
+
+    def __init__(self, files: list[Path], input_size: tuple[int, int], pad_to: int):
+        self.files = files
+        self.input_size = input_size
+        self.pad_to = pad_to
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as im:
+                array = np.asarray(im.convert("RGB"))
+        except OSError as err:
+            raise OSError(f"{self.files[i]}: cannot read the image ({err})") from err
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (h0, w0, 3) -> (3, h0, w0)
+
+    def __getitem__(self, i: int):
+        import dataset as ds
+
+        image = self.load(i)
+        h0, w0 = image.shape[-2:]
+        size = resize_shape(h0, w0, self.input_size)
+        empty_masks = torch.zeros((0, h0, w0), dtype=torch.uint8)
+        empty_boxes = torch.zeros((0, 4), dtype=torch.float32)
+        img, masks, boxes, meta = ds.preprocess(image, empty_masks, empty_boxes, size, self.pad_to)
+        meta = {**meta, "image_id": i, "file_name": str(self.files[i])}
+        return img, torch.zeros(0, dtype=torch.int64), masks, boxes, meta
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def save_pictures(predictions, source, class_names, out_dir: Path, score_min: float) -> int:
+    """One PNG per image: kept masks with score >= score_min over the original image."""
+    from visualize import draw_instances
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for k, (meta, result) in enumerate(predictions):
+        image = source(k)
+        keep = result["scores"] >= score_min
+        fig = draw_instances(
+            image.permute(1, 2, 0).numpy() / 255.0,  # (3, h0, w0) -> (h0, w0, 3)
+            result["masks"][keep],
+            result["labels"][keep],
+            class_names,
+            scores=result["scores"][keep],
+            title=Path(str(meta["file_name"])).name,
+        )
+        stem = Path(str(meta["file_name"]).replace("#", "_")).stem
+        fig.savefig(out_dir / f"{k:04d}_{stem}_pred.png", dpi=80)
+    return len(predictions)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+    parser.add_argument("--images", nargs="+", help="image files or folders (default: val split)")
+    parser.add_argument("--eval", action="store_true", help="COCO mask AP on the val split")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/inference)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-pictures", type=int, default=20, help="PNGs to draw (0 = all)")
+    parser.add_argument("--score-min", type=float, default=0.3, help="draw masks above this")
+    parser.add_argument("--data", default=None, help="evaluate on other data than the run's")
+    args = parser.parse_args(argv)
+
+    from evaluation import format_table, write_results_json
+    from main_train import build_data, resolve_device
+
+    device = resolve_device(args.device)
+    model, cfg, class_names = load_model(args.checkpoint, device)
+    ckpt_path = Path(args.checkpoint)
+    run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
+    out_dir = Path(args.out) if args.out else run_dir / "inference"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if args.images:
+        if args.eval:
+            parser.error("--eval needs ground truth: use it without --images (val split)")
+        data = ImageFiles(list_images(args.images), tuple(cfg.input_size), cfg.pad_to)
+        source = data.load
+    else:
+        if args.data:
+            cfg = replace(cfg, data=args.data)
+        _, data = build_data(cfg)
+        data = _without_augment(data)
+
+        def source(i):
+            return torch.as_tensor(data.raw(i)[0])
+
+    predictions = predict_batches(model, _loader(data, args.batch_size), device)
+    detections = detections_of(predictions, None if args.images else data)
+    write_results_json(out_dir / "results.json", detections)
+    n_pics = len(predictions) if args.max_pictures == 0 else args.max_pictures
+    save_pictures(predictions[:n_pics], source, class_names, out_dir, args.score_min)
+    print(f"{len(predictions)} images: pictures and results.json in {out_dir}")
+
+    if args.eval:
+        metrics = score(data, detections)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(format_table(metrics))
+        return metrics
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""Train SOLO: `python main_train.py` (the CPU preset on the built-in data when there is no GPU).
+
+    python main_train.py                                # preset "auto": cpu without a GPU
+    python main_train.py --preset cis680 --data PATH/train   # CIS680 files PATH/train_*_comp_zlib.*
+    python main_train.py --data ann.json --coco-images imgs/ # COCO-format json + image folder
+    python main_train.py --overfit 16 --data instances.json --coco-images images/  # fit 16 images
+    torchrun --nproc_per_node=2 main_train.py ...       # DistributedDataParallel (gloo on CPU)
+
+Every flag of `config.Config` is available (`python main_train.py --help`). The run folder
+(`--out`) receives `last.pt` after every epoch (written atomically), `loss.csv` and `loss.png`
+(total, focal and dice loss against iterations), `metrics.json` and the held-out COCO mask AP,
+which is printed at the end. `resume_train.py RUN` continues an interrupted run.
+
+Shape legend: B batch, N instances, H x W padded input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from config import Config, add_config_args, config_from_args, config_from_dict, config_to_dict
+
+# --------------------------------------------------------------------------------------------
+# small pure helpers
+# --------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def lr_at(cfg: Config, it: int, epoch: int, total_iters: int) -> float:
+    """Learning rate at iteration `it` (0-based) of epoch `epoch` (0-based).
+
+    Linear warm-up from lr/3 over `warmup_iters` (the authors' schedule), then either the
+    hand-out's step schedule (/10 at each epoch in `lr_steps`, counted 1-based as the hand-out
+    does: "at the 27th epoch") or a cosine decay to zero over `total_iters`.
+    """
+    if cfg.lr_schedule == "step":
+        factor = 0.1 ** sum(epoch + 1 >= step for step in cfg.lr_steps)
+    else:
+        progress = min(it / max(total_iters, 1), 1.0)
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    if it < cfg.warmup_iters:
+        warm = 1.0 / 3.0 + (1.0 - 1.0 / 3.0) * it / cfg.warmup_iters
+        factor *= warm
+    return cfg.lr * factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file, flush it to disk, then rename over `path` (atomic on POSIX):
+    a crash during the write leaves the previous checkpoint intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_states() -> dict:
+    """Random states in types `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+    }
+
+
+def set_rng_states(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+
+
+# --------------------------------------------------------------------------------------------
+# data and model
+# --------------------------------------------------------------------------------------------
+
+
+def build_data(cfg: Config):
+    """(train_set, val_set) for the configured data; augmentation on the training part only."""
+    import dataset as ds
+
+    if cfg.data == "builtin":
+        from synthetic import ensure_builtin_dataset
+
+        source = str(ensure_builtin_dataset(num_images=cfg.num_images, seed=cfg.data_seed))
+    else:
+        source = cfg.data
+    train_set, val_set = ds.build_datasets(
+        source,
+        cfg.coco_images or None,
+        size=tuple(cfg.input_size),
+        pad_to=cfg.pad_to,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.split_seed,
+        split=cfg.split_file or None,
+        augment=cfg.augment and not cfg.overfit,
+        cis680_classes=cfg.cis680_classes,
+    )
+    if cfg.overfit:
+        # The seeds' check before any long run: fit N training images, evaluate on them.
+        train_set = train_set.subset(list(range(min(cfg.overfit, len(train_set)))))
+        val_set = train_set
+    return train_set, val_set
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on norm layers and biases (standard for both SGD and AdamW recipes).
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+# --------------------------------------------------------------------------------------------
+# logging
+# --------------------------------------------------------------------------------------------
+
+LOSS_KEYS = ("total", "cate", "mask")
+
+
+def write_loss_logs(run_dir: Path, history: list[dict], val_history: list[dict]) -> None:
+    """loss.csv (one row per logged point) and loss.png (total, focal, dice vs iteration)."""
+    with open(run_dir / "loss.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["iteration", "epoch", "total", "focal", "dice", "lr"])
+        for row in history:
+            writer.writerow(
+                [row["iter"], row["epoch"], *(f"{row[k]:.6f}" for k in LOSS_KEYS), row["lr"]]
+            )
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6))
+    titles = {"total": "total loss", "cate": "focal (category) loss", "mask": "dice (mask) loss"}
+    for k, key in enumerate(LOSS_KEYS):
+        ax = fig.add_subplot(1, 3, k + 1)
+        if history:
+            ax.plot([r["iter"] for r in history], [r[key] for r in history], label="train")
+        if val_history:
+            ax.plot(
+                [r["iter"] for r in val_history],
+                [r[key] for r in val_history],
+                "o-",
+                label="validation",
+            )
+        ax.set_title(titles[key])
+        ax.set_xlabel("iteration")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=90)
+
+
+# --------------------------------------------------------------------------------------------
+# the training loop
+# --------------------------------------------------------------------------------------------
+
+
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def make_loader(dataset, cfg: Config, epoch: int, shuffle: bool, rank: int, world: int):
+    """A DataLoader whose order (and workers' augmentation seeds) depend only on seed and epoch,
+    so a run resumed at epoch k sees exactly the batches of the run that never stopped."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    import dataset as ds
+
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    sampler = None
+    if world > 1:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=cfg.seed
+        )
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=ds.collate_fn,
+        generator=generator,
+        drop_last=shuffle and len(dataset) >= cfg.batch_size * world,
+        persistent_workers=False,
+    )
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.float16)
+    if device.type == "cpu" and cfg.cpu_bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _to_device(batch, device, channels_last=False):
+    imgs, labels, masks, boxes, metas = batch
+    imgs = imgs.to(device, non_blocking=True)
+    if channels_last:
+        imgs = imgs.contiguous(memory_format=torch.channels_last)
+    labels = [x.to(device) for x in labels]
+    masks = [x.to(device) for x in masks]
+    boxes = [x.to(device) for x in boxes]
+    return imgs, labels, masks, boxes, metas
+
+
+@torch.no_grad()
+def validation_loss(model, loader, cfg: Config, device) -> dict:
+    """Mean losses over the held-out split, with the network in eval mode (BN running stats)."""
+    model.eval()
+    sums = dict.fromkeys(LOSS_KEYS, 0.0)
+    count = 0
+    for batch in loader:
+        imgs, labels, masks, boxes, _ = _to_device(batch, device, cfg.channels_last)
+        with _autocast(cfg, device):
+            losses = model(imgs, labels, masks, boxes)
+        for k in LOSS_KEYS:
+            sums[k] += float(losses[k]) * imgs.shape[0]
+        count += imgs.shape[0]
+    model.train()
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | None = None):
+    """Train with `cfg`; continue from `checkpoint` (a loaded last.pt) when given.
+
+    Returns the final held-out metrics dict (rank 0) or None. `stop_after_epoch` ends the run
+    after that many epochs have been completed (used to test resume equivalence).
+    """
+    from main_infer import evaluate_model
+    from model import build_model
+
+    rank, world, local_rank = _dist_info()
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    is_main = rank == 0
+    run_dir = Path(cfg.out)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+
+    t_start = time.time()
+    seed_everything(cfg.seed)
+    train_set, val_set = build_data(cfg)
+    if is_main:
+        print(
+            f"data: {len(train_set)} training and {len(val_set)} held-out images "
+            f"({cfg.data}), classes {train_set.class_names}"
+        )
+    model = build_model(cfg, num_classes=len(train_set.class_names)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
+
+    state = {"epoch": 0, "iteration": 0, "history": [], "val_history": [], "epochs_total": 0}
+    state["class_names"] = list(train_set.class_names)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if "scaler" in checkpoint and checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
+        state.update(
+            epoch=checkpoint["epoch"],
+            iteration=checkpoint["iteration"],
+            history=list(checkpoint["history"]),
+            val_history=list(checkpoint["val_history"]),
+            epochs_total=checkpoint["epochs_total"],
+        )
+        set_rng_states(checkpoint["rng"])
+        if is_main:
+            print(f"resumed at epoch {state['epoch']}, iteration {state['iteration']}")
+    epochs_total = state["epochs_total"] or cfg.epochs
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+
+    iters_per_epoch = max(len(make_loader(train_set, cfg, 0, True, rank, world)), 1)
+    val_loader = make_loader(val_set, cfg, 0, False, 0, 1)
+    train_elapsed = 0.0
+    epoch = state["epoch"]
+    while epoch < epochs_total:
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+        # Seeds per epoch: an epoch's randomness depends on (seed, epoch) only, never on
+        # what ran before, so resuming gives the same numbers as the uninterrupted run.
+        seed_everything(cfg.seed * 1000 + epoch + 1)
+        loader = make_loader(train_set, cfg, epoch, True, rank, world)
+        net.train()
+        t_epoch = time.time()
+        epoch_losses = []
+        progress = _progress(loader, is_main, f"epoch {epoch + 1}/{epochs_total}")
+        for imgs, labels, masks, boxes, _ in (
+            _to_device(b, device, cfg.channels_last) for b in progress
+        ):
+            it = state["iteration"]
+            lr = lr_at(cfg, it, epoch, epochs_total * iters_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(cfg, device):
+                losses = net(imgs, labels, masks, boxes)
+            values = {k: float(losses[k].detach()) for k in LOSS_KEYS}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch + 1}, iteration {it}: "
+                    + ", ".join(f"{k}={v}" for k, v in values.items())
+                    + f"; the last good checkpoint is {run_dir / 'last.pt'}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["total"]).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            state["iteration"] = it + 1
+            epoch_losses.append(values)
+            if (it + 1) % cfg.log_every == 0:
+                window = epoch_losses[-cfg.log_every :]
+                point = {k: sum(v[k] for v in window) / len(window) for k in LOSS_KEYS}
+                state["history"].append({"iter": it + 1, "epoch": epoch + 1, "lr": lr, **point})
+            if is_main and hasattr(progress, "set_postfix"):
+                progress.set_postfix(
+                    {k: f"{np.mean([v[k] for v in epoch_losses[-20:]]):.3f}" for k in LOSS_KEYS}
+                )
+        train_elapsed += time.time() - t_epoch
+        epoch += 1
+        val = validation_loss(model, val_loader, cfg, device) if len(val_set) else None
+        if val is not None:
+            state["val_history"].append({"iter": state["iteration"], "epoch": epoch, **val})
+        # With a time budget, the first epoch's duration fixes how many epochs fit; the
+        # number is stored in the checkpoint so a resumed run keeps the same schedule.
+        if cfg.time_budget_min > 0 and state["epochs_total"] == 0:
+            per_epoch = train_elapsed / epoch
+            budget = cfg.time_budget_min * 60.0 - (time.time() - t_start - train_elapsed)
+            fit = max(1, int(budget // per_epoch))
+            epochs_total = min(cfg.epochs, fit)
+            if is_main and epochs_total < cfg.epochs:
+                print(f"time budget {cfg.time_budget_min} min: training {epochs_total} epochs")
+        state["epoch"] = epoch
+        state["epochs_total"] = epochs_total
+        if is_main:
+            mean = {k: np.mean([v[k] for v in epoch_losses]) for k in LOSS_KEYS}
+            msg = ", ".join(f"{k} {mean[k]:.4f}" for k in LOSS_KEYS)
+            if val is not None:
+                msg += " | val " + ", ".join(f"{k} {val[k]:.4f}" for k in LOSS_KEYS)
+            print(f"epoch {epoch}/{epochs_total}: {msg} ({time.time() - t_epoch:.0f} s)")
+            save_checkpoint(run_dir / "last.pt", cfg, model, optimizer, scaler, state)
+            write_loss_logs(run_dir, state["history"], state["val_history"])
+        if world > 1:
+            dist.barrier()
+
+    metrics = None
+    finished = epoch >= epochs_total
+    if is_main and finished and len(val_set):
+        metrics = evaluate_model(model, val_set, cfg, device)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        from evaluation import format_table
+
+        what = "training (overfit)" if cfg.overfit else "held-out"
+        print(f"COCO mask AP on the {len(val_set)} {what} images:")
+        print(format_table(metrics))
+        print(f"total wall time {(time.time() - t_start) / 60:.1f} min; run folder {run_dir}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def _progress(loader, enabled: bool, desc: str):
+    if not enabled:
+        return loader
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is in requirements; stay usable without it
+        return loader
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+
+
+def save_checkpoint(path: Path, cfg: Config, model, optimizer, scaler, state: dict) -> None:
+    atomic_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "epoch": state["epoch"],
+            "iteration": state["iteration"],
+            "epochs_total": state["epochs_total"],
+            "history": state["history"],
+            "val_history": state["val_history"],
+            "rng": rng_states(),
+            "config": config_to_dict(cfg),
+            "class_names": state["class_names"],
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file, or the `last.pt` of a run folder, with weights_only=True."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint there (expected a .pt file or run folder)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def config_of(checkpoint: dict) -> Config:
+    return config_from_dict(checkpoint["config"])
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

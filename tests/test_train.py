@@ -1,0 +1,164 @@
+"""Training, checkpoint/resume, inference and DDP on a tiny model and the built-in data."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_infer
+import main_train
+import resume_train
+from config import CPU
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny model on a tiny input: seconds per epoch on two CPU cores.
+TINY = replace(
+    CPU,
+    num_images=24,
+    data_seed=0,
+    input_size=(64, 96),
+    depth=18,
+    fpn_channels=32,
+    seg_feat_channels=16,
+    stacked_convs=1,
+    num_grids=(8, 8, 6, 4, 3),
+    scale_ranges=((1, 24), (12, 48), (24, 96), (48, 192), (96, 2048)),
+    batch_size=4,
+    epochs=2,
+    warmup_iters=2,
+    time_budget_min=0.0,
+    num_workers=0,
+    log_every=1,
+    keep_instance=10,
+    cate_thresh=0.05,
+)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("builtin")
+    old = os.environ.get("SOLO_DATA_DIR")
+    os.environ["SOLO_DATA_DIR"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("SOLO_DATA_DIR", None)
+    else:
+        os.environ["SOLO_DATA_DIR"] = old
+
+
+def test_lr_schedule_warmup_steps_and_cosine():
+    cfg = replace(CPU, lr=1.0, warmup_iters=10, lr_schedule="step", lr_steps=(3, 5))
+    assert main_train.lr_at(cfg, 0, 0, 100) == pytest.approx(1 / 3)
+    assert main_train.lr_at(cfg, 10, 0, 100) == pytest.approx(1.0)
+    assert main_train.lr_at(cfg, 50, 2, 100) == pytest.approx(0.1)  # the 3rd epoch
+    assert main_train.lr_at(cfg, 90, 4, 100) == pytest.approx(0.01)
+    cos = replace(cfg, lr_schedule="cosine", warmup_iters=0)
+    assert main_train.lr_at(cos, 50, 0, 100) == pytest.approx(0.5)
+    assert main_train.lr_at(cos, 100, 0, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "last.pt"
+    main_train.atomic_save({"a": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        main_train.atomic_save({"a": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True)["a"].tolist() == [1.0, 1.0]
+
+
+def test_two_iteration_smoke_then_resume_equals_uninterrupted(data_root, tmp_path):
+    # Uninterrupted: 2 epochs. Interrupted: stop after epoch 1, resume from the run folder.
+    full = replace(TINY, out=str(tmp_path / "full"))
+    main_train.train(full)
+    part = replace(TINY, out=str(tmp_path / "part"))
+    main_train.train(part, stop_after_epoch=1)
+    ckpt = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["num_grids"] == list(TINY.num_grids)
+    resume_train.main([str(tmp_path / "part")])
+
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert a["iteration"] == b["iteration"] > 2
+    losses_a = [(r["iter"], r["total"], r["cate"], r["mask"]) for r in a["history"]]
+    losses_b = [(r["iter"], r["total"], r["cate"], r["mask"]) for r in b["history"]]
+    assert losses_a == losses_b
+    assert all(math.isfinite(r["total"]) for r in a["history"])
+    for key, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][key], msg=key)
+    run = tmp_path / "full"
+    assert (run / "loss.png").stat().st_size > 0
+    header = (run / "loss.csv").read_text().splitlines()[0]
+    assert header == "iteration,epoch,total,focal,dice,lr"
+    assert json.loads((run / "metrics.json").read_text()).keys() >= {"AP", "AP50", "AP75"}
+
+
+def test_inference_writes_pictures_and_a_valid_results_json(data_root, tmp_path):
+    cfg = replace(TINY, out=str(tmp_path / "run"), epochs=1)
+    main_train.train(cfg)
+    out = tmp_path / "infer"
+    metrics = main_infer.main(
+        ["--checkpoint", cfg.out, "--out", str(out), "--eval", "--score-min", "0"]
+    )
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    results = json.loads((out / "results.json").read_text())
+    assert isinstance(results, list)
+    for det in results:
+        assert det.keys() >= {"image_id", "category_id", "segmentation", "score"}
+        assert det["category_id"] in (1, 2, 3)
+    assert len(list(out.glob("*_pred.png"))) > 0
+
+    # Plain image files (not from a data set) work too.
+    from PIL import Image
+
+    img_dir = tmp_path / "photos"
+    img_dir.mkdir()
+    Image.new("RGB", (120, 90), (100, 150, 200)).save(img_dir / "a.png")
+    main_infer.main(["--checkpoint", cfg.out, "--images", str(img_dir), "--out", str(out / "p")])
+    assert (out / "p" / "results.json").is_file()
+    assert len(list((out / "p").glob("*_pred.png"))) == 1
+
+
+def test_non_finite_loss_stops_with_the_terms_named(data_root, tmp_path, monkeypatch):
+    cfg = replace(TINY, out=str(tmp_path / "nan"), epochs=1)
+    import solo_head
+
+    real = solo_head.solo_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["total"] = out["total"] * float("nan")
+        return out
+
+    monkeypatch.setattr(solo_head, "solo_loss", poisoned)
+    with pytest.raises(main_train.NonFiniteLossError, match="total=nan"):
+        main_train.train(cfg)
+
+
+def test_ddp_two_processes_on_the_cpu(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_port=29533", str(ROOT / "main_train.py"),
+        "--preset", "cpu", "--device", "cpu", "--epochs", "1", "--num-images", "24",
+        "--input-size", "64", "96", "--depth", "18", "--fpn-channels", "32",
+        "--seg-feat-channels", "16", "--stacked-convs", "1", "--num-grids", "8", "8", "6", "4",
+        "3", "--scale-ranges", "1,24", "12,48", "24,96", "48,192", "96,2048",
+        "--batch-size", "2", "--num-workers", "0", "--time-budget-min", "0",
+        "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "SOLO_DATA_DIR": str(data_root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "last.pt").is_file()
+    assert "COCO mask AP" in proc.stdout
