@@ -330,7 +330,6 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
 
     iters_per_epoch = max(len(make_loader(train_set, cfg, 0, True, rank, world)), 1)
     val_loader = make_loader(val_set, cfg, 0, False, 0, 1)
-    train_elapsed = 0.0
     epoch = state["epoch"]
     while epoch < epochs_total:
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -376,20 +375,19 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
                 progress.set_postfix(
                     {k: f"{np.mean([v[k] for v in epoch_losses[-20:]]):.3f}" for k in LOSS_KEYS}
                 )
-        train_elapsed += time.time() - t_epoch
         epoch += 1
         val = validation_loss(model, val_loader, cfg, device) if len(val_set) else None
         if val is not None:
             state["val_history"].append({"iter": state["iteration"], "epoch": epoch, **val})
-        # With a time budget, the first epoch's duration fixes how many epochs fit; the
-        # number is stored in the checkpoint so a resumed run keeps the same schedule.
+        # With a time budget (wall time from the start of the run: data, training and
+        # validation), the first epoch's duration fixes how many epochs fit; the number is
+        # stored in the checkpoint so a resumed run keeps the same schedule.
         if cfg.time_budget_min > 0 and state["epochs_total"] == 0:
-            per_epoch = train_elapsed / epoch
-            budget = cfg.time_budget_min * 60.0 - (time.time() - t_start - train_elapsed)
-            fit = max(1, int(budget // per_epoch))
-            epochs_total = min(cfg.epochs, fit)
-            if is_main and epochs_total < cfg.epochs:
-                print(f"time budget {cfg.time_budget_min} min: training {epochs_total} epochs")
+            per_epoch = time.time() - t_epoch
+            remaining = cfg.time_budget_min * 60.0 - (time.time() - t_start)
+            epochs_total = min(cfg.epochs, epoch + max(0, int(remaining // per_epoch)))
+            if is_main:
+                print(f"time budget {cfg.time_budget_min} min: {epochs_total} epochs fit")
         state["epoch"] = epoch
         state["epochs_total"] = epochs_total
         if is_main:

@@ -39,10 +39,14 @@ class SOLOModel(nn.Module):
     ) -> dict[str, Tensor]:
         """Training losses of a batch: images (B, 3, H, W); per image labels (N,), masks
         (N, H, W) and boxes (N, 4) in padded-input pixels. Returns dict(total, cate, mask)."""
-        preds = self.head(self.backbone(images), eval=False)
-        losses = self.head.loss(
-            preds, boxes_list, labels_list, masks_list, padded_size=tuple(images.shape[-2:])
-        )
+        lvl_cate_preds, lvl_mask_feats = self.head(self.backbone(images), eval=False)
+        # Losses in float32 even under autocast (bf16 on the CPU, fp16 on CUDA): the focal
+        # loss sums ~10^4 small terms and the dice loss sums over whole masks.
+        with torch.autocast(images.device.type, enabled=False):
+            preds = ([p.float() for p in lvl_cate_preds], [f.float() for f in lvl_mask_feats])
+            losses = self.head.loss(
+                preds, boxes_list, labels_list, masks_list, padded_size=tuple(images.shape[-2:])
+            )
         return {k: losses[k] for k in ("total", "cate", "mask")}
 
     @torch.no_grad()

@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             labels,
             synthetic.CLASS_NAMES,
             boxes=boxes,
-            title=f"seed {args.seed}, image {index}: {len(labels)} instances",
+            title=f"seed {args.seed}, image {index}: {len(labels)} instance(s)",
         )
         path = out / f"synthetic_s{args.seed}_{index:05d}.png"
         fig.savefig(path)

@@ -6,6 +6,9 @@ Run: python -m pytest -q tests/test_synthetic.py
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,20 +209,20 @@ def test_round_trip_through_build_dataset(tmp_path):
     if not hasattr(dataset, "BuildDataset"):
         pytest.skip("dataset.py has no BuildDataset yet")
     prefix = synthetic.ensure_builtin_dataset(tmp_path, num_images=4, seed=2)
-    data = dataset.BuildDataset(prefix)
+    data = dataset.BuildDataset(prefix, size=(150, 200), pad_to=32)
     assert len(data) == 4
     assert tuple(data.class_names) == synthetic.CLASS_NAMES
     for index in range(4):
-        _, masks, labels, boxes = synthetic.generate_sample(2, index)
-        img, got_labels, got_masks, got_boxes, meta = data[index]
-        n = len(labels)
-        assert img.dim() == 3 and img.shape[0] == 3 and img.dtype == torch.float32
-        np.testing.assert_array_equal(got_labels.numpy(), labels)
-        assert got_masks.shape == (n, *img.shape[1:]) and got_boxes.shape == (n, 4)
+        expected = synthetic.generate_sample(2, index)
+        assert _same(data.raw(index), expected)
+        img, labels, masks, boxes, meta = data[index]
+        n = len(expected[2])
+        assert img.shape == (3, 160, 224) and img.dtype == torch.float32  # 150x200 padded
+        np.testing.assert_array_equal(labels.numpy(), expected[2])
+        assert masks.shape == (n, 160, 224) and boxes.shape == (n, 4)
         assert tuple(meta["orig_size"]) == synthetic.IMAGE_SIZE
-        sy, sx = meta["scale"]
-        scaled = boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
-        np.testing.assert_allclose(got_boxes.numpy(), scaled, atol=2.0)
+        # boxes scale with the image (exactly here: the factor is 1/2)
+        np.testing.assert_allclose(boxes.numpy(), expected[3] / 2, atol=1.0)
 
 
 def test_main_prints_counts(tmp_path, capsys):
@@ -227,3 +230,27 @@ def test_main_prints_counts(tmp_path, capsys):
     prefix = synthetic.main(["--num", "5", "--seed", "4", "--root", str(tmp_path)])
     out = capsys.readouterr().out
     assert str(prefix) in out and "vehicle" in out and "scale range (384, 2048)" in out
+
+
+def test_two_processes_at_once_generate_once(tmp_path):
+    _dataset_module()
+    code = (
+        "import sys, synthetic; "
+        "print(synthetic.ensure_builtin_dataset(sys.argv[1], num_images=30, seed=0))"
+    )
+    repo = Path(synthetic.__file__).resolve().parent
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    stdout = "".join(out for out, _ in outs)
+    assert stdout.count("generated") == 1  # the second process waited and reused the set
+    assert stdout.count(str(tmp_path / "builtin_n30_s0")) == 3  # 1 generation line + 2 returns
