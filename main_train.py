@@ -132,9 +132,68 @@ def build_data(cfg: Config):
     )
     if cfg.overfit:
         # The seeds' check before any long run: fit N training images, evaluate on them.
-        train_set = train_set.subset(list(range(min(cfg.overfit, len(train_set)))))
-        val_set = train_set
+        # The N images are repeated to an epoch of about the full training set's length, so
+        # the preset's epochs, schedule and time budget keep their meaning.
+        val_set = train_set.subset(list(range(min(cfg.overfit, len(train_set)))))
+        train_set = Repeated(val_set, max(1, len(train_set) // len(val_set)))
     return train_set, val_set
+
+
+class BudgetProbe:
+    """Fixes how many epochs fit a wall-time budget from the speed of the first iterations.
+
+    With a time budget (`time_budget_min`, counted from the start of the run: data, training,
+    validation), the cosine schedule needs its length before it is far along. After
+    `PROBE_ITERS` iterations the measured time per iteration (the first `SKIP` excluded: they
+    pay one-off costs) gives the epochs that fit, counting each epoch's validation pass as a
+    third of a training step per batch. The number is stored in the checkpoint, so a resumed
+    run keeps the same schedule.
+    """
+
+    SKIP = 3
+    PROBE_ITERS = 20
+
+    def __init__(self, cfg: Config, t_start: float, iters_per_epoch: int, val_batches: int):
+        self.budget = cfg.time_budget_min * 60.0
+        self.max_epochs = cfg.epochs
+        self.t_start = t_start
+        self.iters_per_epoch = iters_per_epoch
+        self.val_batches = val_batches
+        self.t_skip = None
+
+    def step(self, done: int, epoch: int, iters_per_epoch: int) -> int:
+        """Call after each iteration (`done` counted in this process); 0 until it decides."""
+        if done == self.SKIP:
+            self.t_skip = time.time()
+        if done < self.PROBE_ITERS or self.t_skip is None:
+            return 0
+        per_iter = (time.time() - self.t_skip) / (done - self.SKIP)
+        per_epoch = per_iter * (self.iters_per_epoch + self.val_batches / 3.0)
+        remaining = self.budget - (time.time() - self.t_start)
+        epochs_done = epoch + done / self.iters_per_epoch
+        return max(1, min(self.max_epochs, int(epochs_done + remaining / per_epoch)))
+
+    def finish(self, epochs_done: int) -> int:
+        """Fallback when an epoch is shorter than the probe: decide from whole epochs."""
+        elapsed = time.time() - self.t_start
+        per_epoch = elapsed / max(epochs_done, 1)
+        fit = epochs_done + int((self.budget - elapsed) // per_epoch)
+        return max(epochs_done, min(self.max_epochs, fit))
+
+
+class Repeated(torch.utils.data.Dataset):
+    """`dataset` repeated `times` times (the --overfit epochs)."""
+
+    def __init__(self, dataset, times: int):
+        self.dataset = dataset
+        self.times = times
+        self.class_names = dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, i: int):
+        return self.dataset[i % len(self.dataset)]
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -301,7 +360,14 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
 
-    state = {"epoch": 0, "iteration": 0, "history": [], "val_history": [], "epochs_total": 0}
+    state = {
+        "epoch": 0,
+        "iteration": 0,
+        "history": [],
+        "val_history": [],
+        "ap_history": [],
+        "epochs_total": 0,
+    }
     state["class_names"] = list(train_set.class_names)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -313,6 +379,7 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
             iteration=checkpoint["iteration"],
             history=list(checkpoint["history"]),
             val_history=list(checkpoint["val_history"]),
+            ap_history=list(checkpoint.get("ap_history", [])),
             epochs_total=checkpoint["epochs_total"],
         )
         set_rng_states(checkpoint["rng"])
@@ -329,7 +396,19 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
         )
 
     iters_per_epoch = max(len(make_loader(train_set, cfg, 0, True, rank, world)), 1)
-    val_loader = make_loader(val_set, cfg, 0, False, 0, 1)
+    val_loss_set = val_set
+    if 0 < cfg.val_loss_images < len(val_set):
+        val_loss_set = val_set.subset(list(range(cfg.val_loss_images)))
+    val_loader = make_loader(val_loss_set, cfg, 0, False, 0, 1)
+    # Learning-curve marks (minutes of run time, evaluation excluded) not yet reached.
+    done = {point["mark_min"] for point in state["ap_history"]}
+    marks = [m for m in sorted(cfg.eval_at_min) if m not in done] if len(val_set) else []
+    eval_seconds = 0.0
+    start_iter = state["iteration"]
+    budget_probe = None
+    if cfg.time_budget_min > 0 and state["epochs_total"] == 0:
+        val_batches = math.ceil(len(val_loss_set) / cfg.batch_size) if len(val_set) else 0
+        budget_probe = BudgetProbe(cfg, t_start, iters_per_epoch, val_batches)
     epoch = state["epoch"]
     while epoch < epochs_total:
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -371,6 +450,20 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
                 window = epoch_losses[-cfg.log_every :]
                 point = {k: sum(v[k] for v in window) / len(window) for k in LOSS_KEYS}
                 state["history"].append({"iter": it + 1, "epoch": epoch + 1, "lr": lr, **point})
+            if budget_probe is not None and state["epochs_total"] == 0:
+                decided = budget_probe.step(it + 1 - start_iter, epoch, iters_per_epoch)
+                if world > 1:  # every rank must follow rank 0's schedule
+                    decided_t = torch.tensor([decided], device=device)
+                    dist.broadcast(decided_t, 0)
+                    decided = int(decided_t.item())
+                if decided:
+                    epochs_total = state["epochs_total"] = decided
+                    if is_main:
+                        print(f"\ntime budget {cfg.time_budget_min:g} min: {decided} epochs fit")
+            if marks and (time.time() - t_start - eval_seconds) / 60.0 >= marks[0]:
+                eval_seconds += _learning_curve_point(
+                    model, val_set, cfg, device, state, marks.pop(0), is_main, run_dir
+                )
             if is_main and hasattr(progress, "set_postfix"):
                 progress.set_postfix(
                     {k: f"{np.mean([v[k] for v in epoch_losses[-20:]]):.3f}" for k in LOSS_KEYS}
@@ -379,15 +472,10 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
         val = validation_loss(model, val_loader, cfg, device) if len(val_set) else None
         if val is not None:
             state["val_history"].append({"iter": state["iteration"], "epoch": epoch, **val})
-        # With a time budget (wall time from the start of the run: data, training and
-        # validation), the first epoch's duration fixes how many epochs fit; the number is
-        # stored in the checkpoint so a resumed run keeps the same schedule.
-        if cfg.time_budget_min > 0 and state["epochs_total"] == 0:
-            per_epoch = time.time() - t_epoch
-            remaining = cfg.time_budget_min * 60.0 - (time.time() - t_start)
-            epochs_total = min(cfg.epochs, epoch + max(0, int(remaining // per_epoch)))
+        if budget_probe is not None and state["epochs_total"] == 0:  # epoch shorter than probe
+            epochs_total = budget_probe.finish(epoch)
             if is_main:
-                print(f"time budget {cfg.time_budget_min} min: {epochs_total} epochs fit")
+                print(f"time budget {cfg.time_budget_min:g} min: {epochs_total} epochs fit")
         state["epoch"] = epoch
         state["epochs_total"] = epochs_total
         if is_main:
@@ -418,6 +506,24 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
     return metrics
 
 
+def _learning_curve_point(model, val_set, cfg, device, state, mark, is_main, run_dir) -> float:
+    """Held-out AP now (a learning-curve point); returns the seconds it took."""
+    from main_infer import evaluate_model
+
+    t0 = time.time()
+    if is_main:
+        metrics = evaluate_model(model, val_set, cfg, device)
+        point = {"mark_min": mark, "iteration": state["iteration"], **metrics}
+        state["ap_history"].append(point)
+        with open(run_dir / "learning_curve.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(point))
+            writer.writeheader()
+            writer.writerows(state["ap_history"])
+        print(f"\n[{mark:g} min] held-out mask AP {metrics['AP']:.4f} (AP50 {metrics['AP50']:.4f})")
+    model.train()
+    return time.time() - t0
+
+
 def _progress(loader, enabled: bool, desc: str):
     if not enabled:
         return loader
@@ -439,6 +545,7 @@ def save_checkpoint(path: Path, cfg: Config, model, optimizer, scaler, state: di
             "epochs_total": state["epochs_total"],
             "history": state["history"],
             "val_history": state["val_history"],
+            "ap_history": state["ap_history"],
             "rng": rng_states(),
             "config": config_to_dict(cfg),
             "class_names": state["class_names"],
