@@ -8,6 +8,12 @@
 training computation. Checkpoints store the config, and `build_model` rebuilds the exact model
 from it.
 
+`cfg.model` picks the head (config.MODELS): `solo` (solo_head.SOLOHead), `decoupled_solo` and
+`decoupled_solo_light` (decoupled_head.DecoupledSOLOHead with separate or shared X/Y towers),
+`solov2` and `solov2_light` (solov2_head.SOLOv2Head; light only differs in its config
+defaults, config.MODEL_DEFAULTS). Every head has the same `forward(feats, eval)`, `loss` and
+`PostProcess` interface; only the tuple of predictions between them differs.
+
 Shape legend: B batch, N instances, H x W padded input, k kept instances, h0 x w0 original size.
 """
 
@@ -18,10 +24,17 @@ import torch.nn as nn
 from torch import Tensor
 
 from backbone import build_backbone
-from config import Config
+from config import MODELS, Config
+from decoupled_head import DecoupledSOLOHead
 from solo_head import SOLOHead
+from solov2_head import SOLOv2Head
 
-MODELS = ("solo",)
+
+def _float(preds):
+    """Every tensor of a (nested) tuple / list of predictions in float32."""
+    if isinstance(preds, Tensor):
+        return preds.float()
+    return type(preds)(_float(p) for p in preds)
 
 
 class SOLOModel(nn.Module):
@@ -39,11 +52,11 @@ class SOLOModel(nn.Module):
     ) -> dict[str, Tensor]:
         """Training losses of a batch: images (B, 3, H, W); per image labels (N,), masks
         (N, H, W) and boxes (N, 4) in padded-input pixels. Returns dict(total, cate, mask)."""
-        lvl_cate_preds, lvl_mask_feats = self.head(self.backbone(images), eval=False)
+        preds = self.head(self.backbone(images), eval=False)  # the head's tuple of outputs
         # Losses in float32 even under autocast (bf16 on the CPU, fp16 on CUDA): the focal
         # loss sums ~10^4 small terms and the dice loss sums over whole masks.
         with torch.autocast(images.device.type, enabled=False):
-            preds = ([p.float() for p in lvl_cate_preds], [f.float() for f in lvl_mask_feats])
+            preds = _float(preds)
             losses = self.head.loss(
                 preds, boxes_list, labels_list, masks_list, padded_size=tuple(images.shape[-2:])
             )
@@ -62,15 +75,21 @@ class SOLOModel(nn.Module):
 
 def build_model(cfg: Config, num_classes: int) -> SOLOModel:
     """The model of `cfg` for `num_classes` object classes (background not counted)."""
-    if cfg.model not in MODELS:
-        raise ValueError(f"unknown model {cfg.model!r}; choose one of {MODELS}")
+    head = build_head(cfg, num_classes)
     backbone = build_backbone(
         depth=cfg.depth,
         out_channels=cfg.fpn_channels,
         weights=cfg.backbone_weights or None,
         norm=cfg.norm,
     )
-    head = SOLOHead(
+    return SOLOModel(backbone, head)
+
+
+def build_head(cfg: Config, num_classes: int) -> nn.Module:
+    """The head of `cfg.model` for `num_classes` object classes (background not counted)."""
+    if cfg.model not in MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {MODELS}")
+    common = dict(
         num_classes=num_classes + 1,
         in_channels=cfg.fpn_channels,
         seg_feat_channels=cfg.seg_feat_channels,
@@ -93,4 +112,13 @@ def build_model(cfg: Config, num_classes: int) -> SOLOModel:
         nms_sigma=cfg.nms_sigma,
         update_thresh=cfg.update_thresh,
     )
-    return SOLOModel(backbone, head)
+    if cfg.model == "solo":
+        return SOLOHead(**common)
+    if cfg.model in ("decoupled_solo", "decoupled_solo_light"):
+        # The light head shares one X/Y tower (the authors' DecoupledSOLOLightHead).
+        return DecoupledSOLOHead(**common, shared_xy_tower=cfg.model == "decoupled_solo_light")
+    return SOLOv2Head(
+        **common,
+        kernel_channels=cfg.kernel_channels,
+        mask_feat_channels=cfg.mask_feat_channels,
+    )

@@ -935,6 +935,10 @@ def plot_gt(img, lvl_ins_label, lvl_ins_ind_label, lvl_cate_label, class_names, 
 
 def main(argv: list[str] | None = None) -> None:
     """Save the per-level ground-truth plots of a few images (hand-out Part A)."""
+    from dataclasses import replace
+
+    from config import CIS680, MODEL_DEFAULTS, MODELS
+
     parser = argparse.ArgumentParser(description="Plot SOLO targets per pyramid level.")
     parser.add_argument("--out", default="outputs/gt_levels", help="folder for the PNGs")
     parser.add_argument("--num", type=int, default=5, help="images to plot")
@@ -948,11 +952,20 @@ def main(argv: list[str] | None = None) -> None:
         "--size",
         type=int,
         nargs=2,
-        default=(800, 1066),
+        default=None,
         metavar=("H", "W"),
-        help="resize before padding to a multiple of 32",
+        help="resize before padding to a multiple of 32 (default: the model's, 800 1066 for SOLO)",
+    )
+    parser.add_argument(
+        "--model",
+        default="solo",
+        choices=MODELS,
+        help="whose targets: SOLOv2's masks are at H/4 x W/4 on every level; the light models "
+        "use their scale ranges and input size (config.MODEL_DEFAULTS of the cis680 preset)",
     )
     args = parser.parse_args(argv)
+    model_cfg = replace(CIS680, **MODEL_DEFAULTS["cis680"].get(args.model, {}))
+    size = tuple(args.size) if args.size else tuple(model_cfg.input_size)
 
     import dataset
 
@@ -962,7 +975,7 @@ def main(argv: list[str] | None = None) -> None:
         from synthetic import ensure_builtin_dataset
 
         prefix = ensure_builtin_dataset()
-    data = dataset.BuildDataset(prefix, size=tuple(args.size))
+    data = dataset.BuildDataset(prefix, size=size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Images with several objects first, so the plots show shared cells and several levels.
@@ -971,8 +984,11 @@ def main(argv: list[str] | None = None) -> None:
     for i in sorted(chosen):
         img, labels, masks, boxes, meta = data[i]
         padded_size = tuple(img.shape[-2:])
+        sizes = featmap_sizes_for(padded_size)
+        if args.model.startswith("solov2"):  # SOLOv2: every level's masks at H/4 x W/4
+            sizes = [(padded_size[0] // 4, padded_size[1] // 4)] * len(sizes)
         ins, cate, ind = target_single_img(
-            boxes, labels, masks, featmap_sizes_for(padded_size), padded_size
+            boxes, labels, masks, sizes, padded_size, model_cfg.num_grids, model_cfg.scale_ranges
         )
         fig = plot_gt(img, ins, ind, cate, data.class_names, STRIDES)
         path = out / f"gt_levels_{i:04d}.png"
