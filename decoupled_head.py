@@ -43,7 +43,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import postprocess
 from solo_head import (
     EPSILON,
     NUM_GRIDS,
@@ -52,6 +51,7 @@ from solo_head import (
     STRIDES,
     SOLOHead,
     _conv_gn_relu,
+    cell_levels,
     coord_channels,
     dice_loss,
 )
@@ -61,7 +61,6 @@ from solov2_head import (
     PRE_NMS_NUM,
     UPDATE_THRESH,
     category_loss,
-    cell_levels,
     check_labels,
     image_sizes,
 )
@@ -411,10 +410,7 @@ class DecoupledSOLOHead(SOLOHead):
         lvl_cate_scores: per level (C, S, S) after point NMS; lvl_x_probs / lvl_y_probs: per
         level (S, h4, w4). Cells are numbered level by level, row-major in each.
         """
-        C = lvl_cate_scores[0].shape[0]
-        # per level (C, S, S) -> (S*S, C), then all levels: (sum S^2, C)
-        cate_scores = torch.cat([c.permute(1, 2, 0).reshape(-1, C) for c in lvl_cate_scores])
-        cell_idx, labels, scores = postprocess.select_candidates(cate_scores, self.cate_thresh)
+        cell_idx, labels, scores = self.candidates(lvl_cate_scores)
         level_of, local = cell_levels(cell_idx, self.num_grids)
         h4, w4 = lvl_x_probs[0].shape[-2:]
         mask_probs = lvl_x_probs[0].new_zeros((cell_idx.numel(), h4, w4), dtype=torch.float32)
@@ -427,21 +423,6 @@ class DecoupledSOLOHead(SOLOHead):
                     torch.zeros_like(rows),
                     local[rows],
                 )
-        strides = None
-        if self.filter_small_masks:
-            strides = torch.tensor(self.strides, device=cell_idx.device)[level_of]
-        return postprocess.finish_single(
-            mask_probs,
-            labels,
-            scores,
-            ins_thresh=self.ins_thresh,
-            pre_nms_num=self.pre_NMS_num,
-            keep_instance=self.keep_instance,
-            nms_kernel=self.nms_kernel,
-            nms_sigma=self.nms_sigma,
-            input_size=input_size,
-            padded_size=padded_size,
-            orig_size=orig_size,
-            update_thresh=self.update_thresh,
-            strides=strides,
+        return self.finish_candidates(
+            mask_probs, labels, scores, level_of, input_size, padded_size, orig_size
         )

@@ -44,7 +44,8 @@ class NonFiniteLossError(RuntimeError):
 def lr_at(cfg: Config, it: int, epoch: int, total_iters: int) -> float:
     """Learning rate at iteration `it` (0-based) of epoch `epoch` (0-based).
 
-    Linear warm-up from lr/3 over `warmup_iters` (the authors' schedule), then either the
+    Linear warm-up from lr x warmup_ratio over `warmup_iters` (the authors: 1/3 over 500
+    iterations), then either the
     hand-out's step schedule (/10 at each epoch in `lr_steps`, counted 1-based as the hand-out
     does: "at the 27th epoch") or a cosine decay to zero over `total_iters`.
     """
@@ -54,7 +55,7 @@ def lr_at(cfg: Config, it: int, epoch: int, total_iters: int) -> float:
         progress = min(it / max(total_iters, 1), 1.0)
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     if it < cfg.warmup_iters:
-        warm = 1.0 / 3.0 + (1.0 - 1.0 / 3.0) * it / cfg.warmup_iters
+        warm = cfg.warmup_ratio + (1.0 - cfg.warmup_ratio) * it / cfg.warmup_iters
         factor *= warm
     return cfg.lr * factor
 

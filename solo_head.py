@@ -119,6 +119,17 @@ def featmap_sizes_for(
 # --------------------------------------------------------------------------------------------
 
 
+def cell_levels(cell_idx: Tensor, num_grids: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Level and within-level index of cells numbered over all levels (level by level, row-major).
+
+    (n,) int64 -> level (n,) int64 in 0..L-1, local (n,) int64 in 0..S_level^2 - 1.
+    """
+    sizes = torch.tensor(num_grids, device=cell_idx.device).pow(2)  # (L,) cells per level
+    ends = sizes.cumsum(0)
+    level = torch.searchsorted(ends, cell_idx, right=True)
+    return level, cell_idx - (ends - sizes)[level]
+
+
 def mask_logits_full(mask_feat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """The vanilla mask output: all S^2 channels (hand-out). (B,D,h,w) -> (B,S^2,h,w).
 
@@ -849,29 +860,49 @@ class SOLOHead(nn.Module):
         lvl_cate_scores: per level (C, S, S) after point NMS; lvl_mask_feats: per level
         (D, h4, w4). Cells are numbered over all levels: level by level, row-major in each.
         """
-        C = lvl_cate_scores[0].shape[0]
-        # per level (C, S, S) -> (S*S, C), then all levels: (sum S^2, C)
-        cate_scores = torch.cat([c.permute(1, 2, 0).reshape(-1, C) for c in lvl_cate_scores])
-        cell_idx, labels, scores = postprocess.select_candidates(cate_scores, self.cate_thresh)
-        n = cell_idx.numel()
+        cell_idx, labels, scores = self.candidates(lvl_cate_scores)
+        level_of, local = cell_levels(cell_idx, self.num_grids)
         D, h4, w4 = lvl_mask_feats[0].shape
-        level_ends = torch.tensor(self.num_grids, device=cell_idx.device).pow(2).cumsum(0)
-        level_of = torch.searchsorted(level_ends, cell_idx, right=True)  # (n,) level of a cell
-        level_starts = level_ends - level_ends[0].new_tensor(self.num_grids).pow(2)
-        mask_probs = lvl_mask_feats[0].new_zeros((n, h4, w4), dtype=torch.float32)
+        mask_probs = lvl_mask_feats[0].new_zeros((cell_idx.numel(), h4, w4), dtype=torch.float32)
         for level, mask_feat in enumerate(lvl_mask_feats):
             rows = (level_of == level).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            local = cell_idx[rows] - level_starts[level]  # cell index within the level
             conv = self.mask_out[level]
             logits = mask_logits_for_cells(
-                mask_feat[None], torch.zeros_like(local), local, conv.weight, conv.bias
+                mask_feat[None], torch.zeros_like(rows), local[rows], conv.weight, conv.bias
             )  # (n_l, h4, w4)
             mask_probs[rows] = torch.sigmoid(logits.float())
+        return self.finish_candidates(
+            mask_probs, labels, scores, level_of, input_size, padded_size, orig_size
+        )
+
+    def candidates(self, lvl_cate_scores: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(cell_idx, labels, scores) of the (cell, class) entries above cate_thresh.
+
+        lvl_cate_scores: per level (C, S, S) after point NMS. Cells are numbered over all
+        levels: level by level, row-major in each (`cell_levels` splits the numbers).
+        """
+        C = lvl_cate_scores[0].shape[0]
+        # per level (C, S, S) -> (S*S, C), then all levels: (sum S^2, C)
+        cate_scores = torch.cat([c.permute(1, 2, 0).reshape(-1, C) for c in lvl_cate_scores])
+        return postprocess.select_candidates(cate_scores, self.cate_thresh)
+
+    def finish_candidates(
+        self,
+        mask_probs: Tensor,
+        labels: Tensor,
+        scores: Tensor,
+        level_of: Tensor,
+        input_size: tuple[int, int],
+        padded_size: tuple[int, int],
+        orig_size: tuple[int, int],
+    ) -> dict[str, Tensor]:
+        """`postprocess.finish_single` with this head's settings; mask_probs (n, h4, w4) of the
+        candidates, level_of (n,) their levels (for the small-mask filter)."""
         strides = None
         if self.filter_small_masks:
-            strides = torch.tensor(self.strides, device=cell_idx.device)[level_of]
+            strides = torch.tensor(self.strides, device=level_of.device)[level_of]
         return postprocess.finish_single(
             mask_probs,
             labels,

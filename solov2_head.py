@@ -50,7 +50,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import postprocess
 from solo_head import (
     EPSILON,
     NUM_GRIDS,
@@ -59,6 +58,7 @@ from solo_head import (
     STRIDES,
     SOLOHead,
     _conv_gn_relu,
+    cell_levels,
     coord_channels,
     dice_loss,
     focal_loss,
@@ -108,17 +108,6 @@ def dynamic_mask_logits(mask_feats: Tensor, kernels: Tensor, img_idx: Tensor) ->
     bias = kernels.new_zeros(K)  # the authors' dynamic kernels have no bias
     rows = torch.arange(K, device=kernels.device)
     return mask_logits_for_cells(mask_feats, img_idx, rows, weight, bias)
-
-
-def cell_levels(cell_idx: Tensor, num_grids: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Level and within-level index of cells numbered over all levels (level by level, row-major).
-
-    (n,) int64 -> level (n,) int64 in 0..L-1, local (n,) int64 in 0..S_level^2 - 1.
-    """
-    sizes = torch.tensor(num_grids, device=cell_idx.device).pow(2)  # (L,) cells per level
-    ends = sizes.cumsum(0)
-    level = torch.searchsorted(ends, cell_idx, right=True)
-    return level, cell_idx - (ends - sizes)[level]
 
 
 def category_loss(
@@ -528,30 +517,20 @@ class SOLOv2Head(SOLOHead):
         lvl_cate_scores: per level (C, S, S) after point NMS; lvl_kernel_preds: per level
         (E, S, S); mask_feat (E, Hf, Wf). Cells are numbered level by level, row-major in each.
         """
-        C, E = lvl_cate_scores[0].shape[0], lvl_kernel_preds[0].shape[0]
-        # per level (C, S, S) -> (S*S, C) and (E, S, S) -> (S*S, E), then all levels
-        cate_scores = torch.cat([c.permute(1, 2, 0).reshape(-1, C) for c in lvl_cate_scores])
+        E = lvl_kernel_preds[0].shape[0]
+        # per level (E, S, S) -> (S*S, E), then all levels, numbered as the candidates' cells
         kernels = torch.cat([k.permute(1, 2, 0).reshape(-1, E) for k in lvl_kernel_preds])
-        cell_idx, labels, scores = postprocess.select_candidates(cate_scores, self.cate_thresh)
+        cell_idx, labels, scores = self.candidates(lvl_cate_scores)
         logits = dynamic_mask_logits(
             mask_feat[None], kernels[cell_idx], torch.zeros_like(cell_idx)
         )  # (n, Hf, Wf)
-        strides = None
-        if self.filter_small_masks:
-            level, _ = cell_levels(cell_idx, self.num_grids)
-            strides = torch.tensor(self.strides, device=cell_idx.device)[level]
-        return postprocess.finish_single(
+        level_of, _ = cell_levels(cell_idx, self.num_grids)
+        return self.finish_candidates(
             torch.sigmoid(logits.float()),
             labels,
             scores,
-            ins_thresh=self.ins_thresh,
-            pre_nms_num=self.pre_NMS_num,
-            keep_instance=self.keep_instance,
-            nms_kernel=self.nms_kernel,
-            nms_sigma=self.nms_sigma,
-            input_size=input_size,
-            padded_size=padded_size,
-            orig_size=orig_size,
-            update_thresh=self.update_thresh,
-            strides=strides,
+            level_of,
+            input_size,
+            padded_size,
+            orig_size,
         )

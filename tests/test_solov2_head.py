@@ -29,8 +29,8 @@ from config import (
     config_to_dict,
 )
 from model import build_model
-from solo_head import dice_loss, featmap_sizes_for, target_single_img
-from solov2_head import MaskFeatBranch, SOLOv2Head, cell_levels, dynamic_mask_logits
+from solo_head import cell_levels, dice_loss, featmap_sizes_for, target_single_img
+from solov2_head import MaskFeatBranch, SOLOv2Head, dynamic_mask_logits
 
 H, W = 256, 320  # padded input of the target tests
 GRIDS = (10, 8, 6, 4, 3)  # small heads

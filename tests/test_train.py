@@ -54,8 +54,12 @@ def data_root(tmp_path_factory):
 
 
 def test_lr_schedule_warmup_steps_and_cosine():
-    cfg = replace(CPU, lr=1.0, warmup_iters=10, lr_schedule="step", lr_steps=(3, 5))
-    assert main_train.lr_at(cfg, 0, 0, 100) == pytest.approx(1 / 3)
+    cfg = replace(
+        CPU, lr=1.0, warmup_iters=10, warmup_ratio=1 / 3, lr_schedule="step", lr_steps=(3, 5)
+    )
+    assert main_train.lr_at(cfg, 0, 0, 100) == pytest.approx(1 / 3)  # the authors' start
+    assert main_train.lr_at(cfg, 5, 0, 100) == pytest.approx(1 / 3 + 2 / 3 * 0.5)
+    assert main_train.lr_at(replace(cfg, warmup_ratio=0.001), 0, 0, 100) == pytest.approx(0.001)
     assert main_train.lr_at(cfg, 10, 0, 100) == pytest.approx(1.0)
     assert main_train.lr_at(cfg, 50, 2, 100) == pytest.approx(0.1)  # the 3rd epoch
     assert main_train.lr_at(cfg, 90, 4, 100) == pytest.approx(0.01)
