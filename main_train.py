@@ -520,7 +520,10 @@ def _learning_curve_point(model, val_set, cfg, device, state, mark, is_main, run
             writer = csv.DictWriter(f, fieldnames=list(point))
             writer.writeheader()
             writer.writerows(state["ap_history"])
-        print(f"\n[{mark:g} min] held-out mask AP {metrics['AP']:.4f} (AP50 {metrics['AP50']:.4f})")
+        print(
+            f"\n[{mark:g} min] mask AP {metrics['AP']:.4f} (AP50 {metrics['AP50']:.4f}) "
+            f"on the {len(val_set)} evaluation images"
+        )
     model.train()
     return time.time() - t0
 
