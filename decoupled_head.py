@@ -62,7 +62,6 @@ from solov2_head import (
     UPDATE_THRESH,
     category_loss,
     check_labels,
-    image_sizes,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -364,36 +363,6 @@ class DecoupledSOLOHead(SOLOHead):
         )
 
     # --- inference ---
-
-    @torch.no_grad()
-    def PostProcess(
-        self,
-        preds: tuple[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor]],
-        metas: Sequence[dict] | None = None,
-        padded_size: tuple[int, int] | None = None,
-    ) -> list[dict[str, Tensor]]:
-        """Per-image instances from `forward(..., eval=True)` output; see `SOLOHead.PostProcess`.
-
-        preds: per level (B, C, S, S) probabilities and (B, S, h4, w4) sigmoid(X), sigmoid(Y).
-        Returns per image dict(masks (k, h0, w0) uint8, labels (k,) int64 in 1..C, scores (k,)).
-        """
-        lvl_cate_scores, lvl_x_probs, lvl_y_probs = preds
-        B, _, h4, w4 = lvl_x_probs[0].shape
-        padded_size = tuple(padded_size) if padded_size is not None else (4 * h4, 4 * w4)
-        results = []
-        for b in range(B):
-            input_size, orig_size = image_sizes(metas[b] if metas else None, padded_size)
-            results.append(
-                self.PostProcessImg(
-                    [c[b] for c in lvl_cate_scores],
-                    [x[b] for x in lvl_x_probs],
-                    [y[b] for y in lvl_y_probs],
-                    input_size,
-                    padded_size,
-                    orig_size,
-                )
-            )
-        return results
 
     @torch.no_grad()
     def PostProcessImg(

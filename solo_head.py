@@ -119,6 +119,15 @@ def featmap_sizes_for(
 # --------------------------------------------------------------------------------------------
 
 
+def image_sizes(
+    meta: dict | None, padded_size: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(input_size, orig_size) of one image from its meta; defaults: padded size, no resize."""
+    meta = meta or {}
+    input_size = tuple(meta.get("input_size", padded_size))
+    return input_size, tuple(meta.get("orig_size", input_size))
+
+
 def cell_levels(cell_idx: Tensor, num_grids: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Level and within-level index of cells numbered over all levels (level by level, row-major).
 
@@ -822,28 +831,22 @@ class SOLOHead(nn.Module):
     ) -> list[dict[str, Tensor]]:
         """Per-image instances from `forward(..., eval=True)` output (hand-out 6.10.1).
 
-        preds: per level (B, C, S, S) probabilities and (B, D, h4, w4) features. metas: per
+        preds: per level (B, C, S, S) probabilities and (B, D, h4, w4) features (the other
+        heads: their own eval outputs, sliced per image the same way). metas: per
         image dicts with "input_size" (h, w) and "orig_size" (h0, w0) (default: the padded
         size, no resize). padded_size: (H, W), default 4 x (h4, w4).
         Returns per image dict(masks (k, h0, w0) uint8, labels (k,) int64 in 1..C, scores (k,)).
         """
-        lvl_cate_scores, lvl_mask_feats = preds
-        B, _, h4, w4 = lvl_mask_feats[0].shape
+        # Every head's last output (a per-level list or one tensor) is at H/4 x W/4.
+        last = preds[-1] if isinstance(preds[-1], Tensor) else preds[-1][0]
+        B = last.shape[0]
+        h4, w4 = last.shape[-2:]
         padded_size = tuple(padded_size) if padded_size is not None else (4 * h4, 4 * w4)
         results = []
         for b in range(B):
-            meta = metas[b] if metas is not None else {}
-            input_size = tuple(meta.get("input_size", padded_size))
-            orig_size = tuple(meta.get("orig_size", input_size))
-            results.append(
-                self.PostProcessImg(
-                    [c[b] for c in lvl_cate_scores],
-                    [m[b] for m in lvl_mask_feats],
-                    input_size,
-                    padded_size,
-                    orig_size,
-                )
-            )
+            input_size, orig_size = image_sizes(metas[b] if metas else None, padded_size)
+            img_preds = [p[b] if isinstance(p, Tensor) else [t[b] for t in p] for p in preds]
+            results.append(self.PostProcessImg(*img_preds, input_size, padded_size, orig_size))
         return results
 
     @torch.no_grad()

@@ -143,15 +143,6 @@ def check_labels(labels_list: Sequence[Tensor], num_classes: int, who: str) -> N
         )
 
 
-def image_sizes(
-    meta: dict | None, padded_size: tuple[int, int]
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(input_size, orig_size) of one image from its meta; defaults: padded size, no resize."""
-    meta = meta or {}
-    input_size = tuple(meta.get("input_size", padded_size))
-    return input_size, tuple(meta.get("orig_size", input_size))
-
-
 def solov2_loss(
     lvl_cate_preds: Sequence[Tensor],
     lvl_kernel_preds: Sequence[Tensor],
@@ -470,37 +461,6 @@ class SOLOv2Head(SOLOHead):
         )
 
     # --- inference ---
-
-    @torch.no_grad()
-    def PostProcess(
-        self,
-        preds: tuple[Sequence[Tensor], Sequence[Tensor], Tensor],
-        metas: Sequence[dict] | None = None,
-        padded_size: tuple[int, int] | None = None,
-    ) -> list[dict[str, Tensor]]:
-        """Per-image instances from `forward(..., eval=True)` output; see `SOLOHead.PostProcess`.
-
-        preds: per level (B, C, S, S) probabilities and (B, E, S, S) kernels, and (B, E, Hf, Wf)
-        mask features. padded_size: (H, W), default 4 x (Hf, Wf).
-        Returns per image dict(masks (k, h0, w0) uint8, labels (k,) int64 in 1..C, scores (k,)).
-        """
-        lvl_cate_scores, lvl_kernel_preds, mask_feats = preds
-        B, _, Hf, Wf = mask_feats.shape
-        padded_size = tuple(padded_size) if padded_size is not None else (4 * Hf, 4 * Wf)
-        results = []
-        for b in range(B):
-            input_size, orig_size = image_sizes(metas[b] if metas else None, padded_size)
-            results.append(
-                self.PostProcessImg(
-                    [c[b] for c in lvl_cate_scores],
-                    [k[b] for k in lvl_kernel_preds],
-                    mask_feats[b],
-                    input_size,
-                    padded_size,
-                    orig_size,
-                )
-            )
-        return results
 
     @torch.no_grad()
     def PostProcessImg(
