@@ -13,11 +13,15 @@ clipping, step); loading and augmenting the batch is timed apart and not counted
 
 Each preset runs in a FRESH subprocess, so its peak memory is its own: on the CPU the peak
 resident set size of that process (resource.getrusage ru_maxrss; it includes the Python,
-torch and data-set baseline, printed apart as "RSS before training", the RSS once data and
-model are built), on CUDA torch.cuda.max_memory_allocated over the run (weights, gradients,
-optimiser state and activations).
+torch and data-set baseline, printed apart as "RSS before training", the RSS once data, model
+and optimiser are built; "peak - before training" is what training added: activations,
+gradients, optimiser state), on CUDA torch.cuda.max_memory_allocated over the run (weights,
+gradients, optimiser state and activations; "before" is the memory allocated then). The seeds
+are set again after the model is built, so every run sees the same batches.
 
 The data set is generated once, in the parent, before either preset starts.
+`measure_training` is the worker's measurement, reused by bench_train_memory.py (the model
+types side by side at the cis680 settings).
 
 Run (CPU: a few minutes, most of it the cis680 preset's ResNet-50 at 800 x 1088):
     python benchmarks/bench_train.py
@@ -82,6 +86,17 @@ def batches(train_set, cfg):
 
 
 def worker(name: str, args) -> dict:
+    iters = args.iters_cpu if name == "cpu" else args.iters_cis680
+    cfg = replace(preset(name), num_images=args.num_images, device=args.device, num_workers=0)
+    return {"preset": name, **measure_training(cfg, args.warmup, iters, args.threads)}
+
+
+def measure_training(cfg, warmup: int, iters: int, threads: int | None = None) -> dict:
+    """Train `cfg`'s model for `warmup` untimed + `iters` timed iterations in THIS process
+    (call it in a fresh one) and return its speed and memory; see the module docstring.
+
+    The seeds are set again after the model and optimiser are built, so models of different
+    sizes (which draw different numbers of initial weights) see the same batches."""
     from main_train import (
         LOSS_KEYS,
         _autocast,
@@ -94,11 +109,9 @@ def worker(name: str, args) -> dict:
     )
     from model import build_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = replace(preset(name), num_images=args.num_images, device=args.device, num_workers=0)
+    if threads:
+        torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
-    iters = args.iters_cpu if name == "cpu" else args.iters_cis680
     seed_everything(cfg.seed)
     train_set, _ = build_data(cfg)
     model = build_model(cfg, num_classes=len(train_set.class_names)).to(device)
@@ -107,14 +120,16 @@ def worker(name: str, args) -> dict:
     model.train()
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
+    seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before_mb = torch.cuda.memory_allocated(device) / 2**20
     rss_before = current_rss_mb()
 
     step_s, data_s, images, losses_seen = [], [], 0, []
     stream = batches(train_set, cfg)
-    for it in range(args.warmup + iters):
+    for it in range(warmup + iters):
         t0 = time.perf_counter()
         imgs, labels, masks, boxes, _ = _to_device(next(stream), device, cfg.channels_last)
         if device.type == "cuda":
@@ -135,7 +150,7 @@ def worker(name: str, args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
-        if it < args.warmup:
+        if it < warmup:
             continue
         data_s.append(t1 - t0)
         step_s.append(t2 - t1)
@@ -148,9 +163,9 @@ def worker(name: str, args) -> dict:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         memory_kind = "peak RSS"
+        before_mb = rss_before
     H, W = imgs.shape[-2:]
     return {
-        "preset": name,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "model": f"{cfg.model} ResNet-{cfg.depth} FPN {cfg.fpn_channels}",
@@ -167,6 +182,7 @@ def worker(name: str, args) -> dict:
         "peak_mb": peak_mb,
         "memory_kind": memory_kind,
         "rss_before_mb": rss_before,
+        "training_mb": peak_mb - before_mb,
         "mean_loss": sum(losses_seen) / len(losses_seen),
     }
 
@@ -199,6 +215,7 @@ def format_table(results: dict[str, dict]) -> str:
         ("memory", lambda r: r["memory_kind"]),
         ("peak memory (MiB)", lambda r: f"{r['peak_mb']:.0f}"),
         ("RSS before training (MiB)", lambda r: f"{r['rss_before_mb']:.0f}"),
+        ("peak - before training (MiB)", lambda r: f"{r['training_mb']:.0f}"),
     ]
     width = max(len(label) for label, _ in rows)
     col = max(12, *(len(get(results[n])) + 2 for n in names for _, get in rows))
