@@ -30,7 +30,8 @@ Deviations from the hand-out, and why:
   see `SOLOHead._init_weights`.
 
 Run `python solo_head.py` to save the per-level ground-truth plots (hand-out 6.6 / Part A) of
-five images of the built-in data set to outputs/gt_levels (`--out`, `--num`, `--cis680`).
+five images of the built-in data set to outputs/gt_levels (`--out`, `--num`, `--cis680`;
+`--preset cpu` for the CPU preset's grids, scale ranges and input size).
 
 Shape legend: B batch, N ground-truth instances, L pyramid levels (5), S grid size of a level,
 C classes without background (labels 1..C, 0 = background), H x W padded input, D tower width
@@ -967,11 +968,12 @@ def plot_gt(img, lvl_ins_label, lvl_ins_ind_label, lvl_cate_label, class_names, 
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Save the per-level ground-truth plots of a few images (hand-out Part A)."""
+def main(argv: list[str] | None = None) -> list[Path]:
+    """Save the per-level ground-truth plots of a few images (hand-out Part A); returns the
+    paths of the PNGs."""
     from dataclasses import replace
 
-    from config import CIS680, MODEL_DEFAULTS, MODELS
+    from config import MODEL_DEFAULTS, MODELS, PRESETS, preset
 
     parser = argparse.ArgumentParser(description="Plot SOLO targets per pyramid level.")
     parser.add_argument("--out", default="outputs/gt_levels", help="folder for the PNGs")
@@ -995,10 +997,17 @@ def main(argv: list[str] | None = None) -> None:
         default="solo",
         choices=MODELS,
         help="whose targets: SOLOv2's masks are at H/4 x W/4 on every level; the light models "
-        "use their scale ranges and input size (config.MODEL_DEFAULTS of the cis680 preset)",
+        "use their scale ranges and input size (config.MODEL_DEFAULTS of the --preset)",
+    )
+    parser.add_argument(
+        "--preset",
+        default="cis680",
+        choices=["auto", *PRESETS],
+        help="whose grids, scale ranges and input size (default: the hand-out's, cis680)",
     )
     args = parser.parse_args(argv)
-    model_cfg = replace(CIS680, **MODEL_DEFAULTS["cis680"].get(args.model, {}))
+    base = preset(args.preset)
+    model_cfg = replace(base, **MODEL_DEFAULTS.get(base.preset, {}).get(args.model, {}))
     size = tuple(args.size) if args.size else tuple(model_cfg.input_size)
 
     import dataset
@@ -1015,6 +1024,7 @@ def main(argv: list[str] | None = None) -> None:
     # Images with several objects first, so the plots show shared cells and several levels.
     counts = [(len(data.labels[data.indices[i]]), i) for i in range(min(len(data), 10 * args.num))]
     chosen = [i for _, i in sorted(counts, key=lambda t: -t[0])[: args.num]]
+    saved = []
     for i in sorted(chosen):
         img, labels, masks, boxes, meta = data[i]
         padded_size = tuple(img.shape[-2:])
@@ -1027,10 +1037,12 @@ def main(argv: list[str] | None = None) -> None:
         fig = plot_gt(img, ins, ind, cate, data.class_names, STRIDES)
         path = out / f"gt_levels_{i:04d}.png"
         fig.savefig(path, dpi=80)
+        saved.append(path)
         print(
             f"{path}: {len(labels)} objects, positive cells per level {[int(x.sum()) for x in ind]}"
         )
     print(f"saved {len(chosen)} ground-truth plots to {out}/")
+    return saved
 
 
 if __name__ == "__main__":
