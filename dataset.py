@@ -1,6 +1,6 @@
 """Data sets, preprocessing, augmentation and loaders for SOLO (CIS680 hand-out, section 4).
 
-Two sources give the same samples:
+Three sources give the same samples:
 
 * CIS680 files (the hand-out's format), read by `BuildDataset(prefix)`:
   `{prefix}_img_comp_zlib.h5`    one HDF5 data set (N, 3, 300, 400) uint8, the images;
@@ -11,8 +11,13 @@ Two sources give the same samples:
   The masks of image i are rows sum(n_0..n_{i-1}) .. + n_i of the mask file (the hand-out's
   "use the labels list to figure out which mask belongs to which image").
   `write_cis680` writes such files; `coco_to_cis680` makes them from any COCO subset.
-* COCO-format json + image folder (COCO itself, LabelMe and most labelling tools), read by
-  `CocoDataset(json_path, image_dir)`.
+* COCO-format json + image folder (COCO itself, LabelMe's COCO export and most labelling
+  tools), read by `CocoDataset(json_path, image_dir)`.
+* A folder of LabelMe annotations (one json per image, polygon / rectangle / circle shapes,
+  `imagePath` relative to the json or the image embedded as `imageData`), read by
+  `LabelMeDataset(folder)`; label names become classes 1..C in sorted order.
+`build_datasets(data, ...)` picks the source from `data`: a path ending in .json is COCO, a
+folder is LabelMe, anything else a CIS680 prefix.
 
 Output contract (the project's stable interface; other modules rely on it)
 --------------------------------------------------------------------------
@@ -29,7 +34,7 @@ A data set item is a 5-tuple `(img, labels, masks, boxes, meta)`:
                              h = round(h0 * sy), w = round(w0 * sx), "file_name" str (the image
                              file, or "<h5 file>#<index>"); augmented samples add "augment".
 N may be 0: labels (0,), masks (0, H, W), boxes (0, 4). `.class_names` is a tuple of C names
-for ids 1..C (CIS680: ("vehicle", "person", "animal")).
+for ids 1..C (CIS680: ("vehicle", "person", "animal"); LabelMe: the sorted label names).
 `collate_fn` pads images and masks of a batch at the bottom/right to the largest H and W and
 returns `(imgs (B, 3, H, W), label_list, mask_list, box_list, meta_list)`.
 
@@ -42,6 +47,8 @@ Run:
   python dataset.py --cis680 data/builtin/solo    # CIS680 files with that prefix
   python dataset.py --coco-json ann.json --coco-images imgs/ [--cis680-classes]
   python dataset.py --coco-json ann.json --coco-images imgs/ --to-cis680 data/mine/solo
+  python dataset.py --data my_photos/             # a folder of LabelMe json files (or any
+                                                  # --data of main_train.py)
 
 Shape legend: B batch, N instances of one image, M instances of a whole file, C classes
 without background, H x W padded input, h x w resized input before padding, h0 x w0 source.
@@ -50,6 +57,8 @@ without background, H x W padded input, h x w resized input before padding, h0 x
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import contextlib
 import copy
 import io
@@ -58,6 +67,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +76,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
@@ -94,6 +104,12 @@ COCO_TO_CIS680: dict[str, int] = {
 
 BOX_TOLERANCE = 1.0  # pixels a stored box may reach past the image border before it is an error
 MASK_CHECK_CHUNK = 256  # masks read at a time when BuildDataset checks that none is empty
+# LabelMe shapes with an area, and the points each takes (LabelMe's own meaning of them)
+LABELME_SHAPE_POINTS = {
+    "polygon": "at least 3 points",
+    "rectangle": "2 points (two opposite corners)",
+    "circle": "2 points (the centre and a point on the circle)",
+}
 
 
 class DataError(ValueError):
@@ -1024,6 +1040,263 @@ class CocoDataset(Dataset):
         return self.augment(sample) if self.augment is not None else sample
 
 
+def circle_polygon(centre: Sequence[float], rim: Sequence[float]) -> list[float]:
+    """A LabelMe circle (centre, a point on the circle) as a polygon [x y x y ...].
+
+    The vertices lie on the circle about one pixel apart (at least 16), so the inscribed
+    polygon's area is pi r^2 (1 - 1 / (6 r^2)) and the polygon rasteriser of the COCO path
+    serves circles too.
+    """
+    cx, cy = float(centre[0]), float(centre[1])
+    r = math.hypot(float(rim[0]) - cx, float(rim[1]) - cy)
+    n = max(16, math.ceil(2 * math.pi * r))
+    t = np.arange(n) * (2 * math.pi / n)
+    xy = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)  # (n, 2)
+    return xy.ravel().tolist()  # (n, 2) -> [x0, y0, x1, y1, ...]
+
+
+@dataclass(frozen=True)
+class LabelMeFile:
+    """One checked LabelMe json: where its image is and its instances as polygons."""
+
+    json_path: Path
+    image_path: Path | None  # None: the image is the json's embedded imageData
+    size: tuple[int, int] | None  # (imageHeight, imageWidth) as the json states them, if it does
+    instances: tuple[tuple[str, tuple[tuple[float, ...], ...]], ...]  # (label, polygons), each
+    #                                        polygon (x0, y0, x1, y1, ...); a group is their union
+
+
+def _labelme_shape(shape: Any, k: int, path: Path) -> tuple[str, int | None, list[float]]:
+    """Check shapes[k] of a LabelMe json -> (label, group_id, polygon [x y x y ...])."""
+    if not isinstance(shape, dict):
+        raise _fail(path, f"shapes[{k}]", f"is a {type(shape).__name__}", "a json object")
+    label = shape.get("label")
+    if not isinstance(label, str) or not label:
+        raise _fail(path, f"shapes[{k}] label", f"is {label!r}", "a non-empty string")
+    where = f"shapes[{k}] (label {label!r})"
+    shape_type = shape.get("shape_type") or "polygon"  # LabelMe before 3.0 wrote polygons only
+    if shape_type not in LABELME_SHAPE_POINTS:
+        raise _fail(
+            path, f"{where} shape_type", f"is {shape_type!r}", "polygon, rectangle or circle"
+        )
+    points = shape.get("points")
+    try:
+        xy = np.asarray(points if points != [] else np.zeros((0, 2)), dtype=np.float64)
+    except (TypeError, ValueError):
+        xy = np.zeros(0)  # not numbers, or ragged
+    if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+        raise _fail(path, f"{where} points", f"are {points!r}", "a list of [x, y] number pairs")
+    n = len(xy)
+    if (n < 3) if shape_type == "polygon" else (n != 2):
+        expected = LABELME_SHAPE_POINTS[shape_type]
+        raise _fail(path, f"{where} {shape_type}", f"has {n} point(s)", expected)
+    group_id = shape.get("group_id")
+    if group_id is not None and (not isinstance(group_id, int) or isinstance(group_id, bool)):
+        raise _fail(path, f"{where} group_id", f"is {group_id!r}", "an integer or null")
+    if shape_type == "rectangle":
+        (xa, ya), (xb, yb) = xy.tolist()
+        polygon = [xa, ya, xb, ya, xb, yb, xa, yb]
+    elif shape_type == "circle":
+        polygon = circle_polygon(xy[0], xy[1])
+    else:
+        polygon = xy.ravel().tolist()  # (n, 2) -> [x0, y0, x1, y1, ...]
+    return label, group_id, polygon
+
+
+def _labelme_image_path(path: Path, data: dict) -> Path | None:
+    """The image file of a LabelMe json, or None when only its imageData holds the image."""
+    image_path = data.get("imagePath")
+    has_data = isinstance(data.get("imageData"), str) and bool(data["imageData"])
+    if isinstance(image_path, str) and image_path:
+        # LabelMe on Windows writes relative paths with backslashes
+        for candidate in dict.fromkeys((image_path, image_path.replace("\\", "/"))):
+            if (path.parent / candidate).is_file():
+                return path.parent / candidate
+    if has_data:
+        return None
+    looked = f" ({path.parent / image_path})" if isinstance(image_path, str) and image_path else ""
+    raise _fail(
+        path,
+        "imagePath",
+        f"{image_path!r}{looked} was not found and imageData is empty",
+        "an image file at imagePath, relative to the json, or the image embedded as imageData",
+    )
+
+
+def read_labelme(json_path: str | Path) -> LabelMeFile:
+    """Read and check one LabelMe json (any problem: a DataError naming it).
+
+    Shapes: polygon (>= 3 points), rectangle (2 opposite corners) and circle (centre, a point
+    on the circle), all turned into polygons; other shape types have no area and are an error.
+    Shapes with the same (label, group_id) form one instance, the union of their areas; a shape
+    without group_id is an instance of its own. Instances keep the order of their first shape.
+    """
+    path = Path(json_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _fail(path, "file", f"could not be read as json ({exc})", "a LabelMe json") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("shapes"), list):
+        raise _fail(
+            path, "field 'shapes'", "is missing or not a list", "a LabelMe annotation (shapes)"
+        )
+    groups: dict[tuple, tuple[str, list[tuple[float, ...]]]] = {}
+    for k, shape in enumerate(data["shapes"]):
+        label, group_id, polygon = _labelme_shape(shape, k, path)
+        key = (label, group_id) if group_id is not None else (None, k)  # labels are never None
+        groups.setdefault(key, (label, []))[1].append(tuple(polygon))
+    h, w = data.get("imageHeight"), data.get("imageWidth")
+    size = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+    return LabelMeFile(
+        json_path=path,
+        image_path=_labelme_image_path(path, data),
+        size=size,
+        instances=tuple((label, tuple(polygons)) for label, polygons in groups.values()),
+    )
+
+
+class LabelMeDataset(Dataset):
+    """A folder of LabelMe annotations with the same output contract as BuildDataset.
+
+    Every `*.json` of `folder` (not of its subfolders), in sorted file-name order, is one image
+    (`read_labelme`): the image file at its imagePath, relative to the json, or else the image
+    embedded as imageData. Images are turned upright by their EXIF orientation, as LabelMe shows
+    them while labelling. Label names map to classes 1..C in sorted order (`.class_names`).
+    Shapes become masks with pycocotools' polygon rasteriser, as COCO polygons do, and boxes
+    are the masks' boxes (`masks_to_boxes`); an instance whose mask comes out empty (a
+    zero-area shape) is dropped with a warning. Images without shapes are negatives.
+    short_side / max_side / pad_to: the COCO path's aspect-kept resize and padding.
+    indices: positions in the sorted json list, which are also the items' meta["image_id"].
+    Validated at construction: every json, its shapes and that its image can be found;
+    a problem raises DataError naming the json.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        short_side: int = 800,
+        max_side: int = 1333,
+        pad_to: int | None = 32,
+        indices: Sequence[int] | None = None,
+        augment: Callable | None = None,
+    ):
+        self.folder = Path(folder)
+        self.short_side, self.max_side, self.pad_to = short_side, max_side, pad_to
+        self.augment = augment
+        if not self.folder.is_dir():
+            raise _fail(self.folder, "folder", "was not found", "a folder of LabelMe json files")
+        json_paths = sorted(self.folder.glob("*.json"))
+        if not json_paths:
+            hint = ""
+            if any(self.folder.glob("*_img_comp_zlib.h5")):
+                hint = " (for CIS680 files give their prefix, e.g. FOLDER/solo, not the folder)"
+            raise _fail(self.folder, "folder", "holds no *.json files", f"LabelMe json files{hint}")
+        self.files = [read_labelme(p) for p in json_paths]
+        names = {label for file in self.files for label, _ in file.instances}
+        if not names:
+            raise _fail(
+                self.folder,
+                "LabelMe json files",
+                f"have no shapes ({len(self.files)} files)",
+                "at least one labelled object to learn from",
+            )
+        self.class_names = tuple(sorted(names))
+        self.label_of = {name: k + 1 for k, name in enumerate(self.class_names)}
+        n = len(self.files)
+        self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise _fail(self.folder, "indices", f"include {bad[:5]}", f"0..{n - 1}")
+        self._warned: set = set()
+
+    def subset(self, items: Sequence[int], augment: Callable | None = None) -> LabelMeDataset:
+        """A data set of some of this one's items (positions in it), with its own augment;
+        the json files are not read again."""
+        new = copy.copy(self)
+        new.indices = [self.indices[int(i)] for i in items]
+        new.augment = augment
+        new._warned = set()
+        return new
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def num_instances(self, i: int) -> int:
+        """Number of instances of item i (shape groups, before rasterising)."""
+        return len(self.files[self.indices[i]].instances)
+
+    def _read_image(self, file: LabelMeFile) -> np.ndarray:
+        if file.image_path is not None:
+            source: Any = file.image_path
+            where, field = file.image_path, "image"
+        else:  # read again here: the data set does not keep every image's bytes in memory
+            where, field = file.json_path, "imageData"
+            with open(file.json_path, encoding="utf-8") as f:
+                image_data = json.load(f)["imageData"]
+            try:
+                source = io.BytesIO(base64.b64decode(image_data))
+            except (binascii.Error, ValueError) as exc:
+                raise _fail(where, field, f"is not base64 ({exc})", "base64 image bytes") from exc
+        try:
+            with Image.open(source) as im:
+                upright = ImageOps.exif_transpose(im)  # LabelMe labels photos as shown, upright
+                array = np.asarray(upright.convert("RGB"))  # grayscale, palette, RGBA -> RGB
+        except OSError as exc:
+            raise _fail(where, field, f"could not be read ({exc})", "an image file") from exc
+        h0, w0 = array.shape[:2]
+        if file.size is not None and file.size != (h0, w0):
+            raise _fail(
+                file.json_path,
+                "imageHeight x imageWidth",
+                f"is {file.size[0]} x {file.size[1]} but its image is {h0} x {w0}",
+                "the size of the image the shapes were drawn on",
+            )
+        return np.ascontiguousarray(array.transpose(2, 0, 1))  # (h0, w0, 3) -> (3, h0, w0)
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Item i at its original size: image uint8 (3, h0, w0), masks uint8 (N, h0, w0),
+        labels int64 (N,), boxes float32 (N, 4) x1 y1 x2 y2 (the masks' boxes)."""
+        file = self.files[self.indices[i]]
+        image = self._read_image(file)
+        h0, w0 = image.shape[1:]
+        masks, labels = [], []
+        for k, (label, polygons) in enumerate(file.instances):
+            mask = decode_segmentation([list(p) for p in polygons], h0, w0)  # union of the group
+            if not mask.any():
+                if (file.json_path, k) not in self._warned:
+                    self._warned.add((file.json_path, k))
+                    warnings.warn(
+                        f"{file.json_path}: instance {k} (label {label!r}) has an empty mask "
+                        f"in the {w0} x {h0} image; it is left out of the targets.",
+                        stacklevel=2,
+                    )
+                continue
+            masks.append(mask)
+            labels.append(self.label_of[label])
+        if masks:
+            stacked = np.stack(masks)
+            return image, stacked, np.array(labels, np.int64), masks_to_boxes(stacked)
+        empty = np.zeros((0, h0, w0), dtype=np.uint8)
+        return image, empty, np.zeros((0,), np.int64), np.zeros((0, 4), np.float32)
+
+    def __getitem__(self, i: int):
+        image, masks, labels, boxes = self.raw(i)
+        size = coco_input_size(image.shape[1:], self.short_side, self.max_side)
+        img, masks_t, boxes_t, parts = preprocess(
+            torch.from_numpy(image),
+            torch.from_numpy(masks),
+            torch.from_numpy(boxes),
+            size,
+            self.pad_to,
+        )
+        file = self.files[self.indices[i]]
+        file_name = str(file.image_path if file.image_path is not None else file.json_path)
+        meta = {"image_id": int(self.indices[i]), **parts, "file_name": file_name}
+        sample = (img, torch.from_numpy(labels), masks_t, boxes_t, meta)
+        return self.augment(sample) if self.augment is not None else sample
+
+
 # --------------------------------------------------------------------------------------------
 # Training augmentation
 # --------------------------------------------------------------------------------------------
@@ -1195,6 +1468,44 @@ class BuildDataLoader:
         )
 
 
+def open_dataset(
+    data: str | Path,
+    coco_images: str | Path | None = None,
+    *,
+    size: tuple[int, int] = CIS680_INPUT_SIZE,
+    pad_to: int | None = 32,
+    short_side: int | None = None,
+    max_side: int | None = None,
+    cis680_classes: bool = False,
+    drop_empty: bool = False,
+) -> BuildDataset | CocoDataset | LabelMeDataset:
+    """Every image of one source, picked by what `data` is: a path ending in .json is a
+    COCO-format json (coco_images: its image folder), a folder holds LabelMe json files
+    (`LabelMeDataset`), anything else is a CIS680 prefix. size is the CIS680 resize target;
+    COCO and LabelMe keep the aspect ratio with short_side / max_side, by default min(size) /
+    max(size), so one size setting serves every source. cis680_classes and drop_empty apply to
+    COCO json only (LabelMe labels are free text and always become their own classes);
+    coco_images applies to COCO json only (a LabelMe json names its own image).
+    """
+    short_side = short_side or min(size)
+    max_side = max_side or max(size)
+    if str(data).lower().endswith(".json"):
+        if coco_images is None:
+            raise _fail(data, "coco_images", "was not given", "the folder of the json's images")
+        return CocoDataset(
+            data,
+            coco_images,
+            short_side=short_side,
+            max_side=max_side,
+            pad_to=pad_to,
+            cis680_classes=cis680_classes,
+            drop_empty=drop_empty,
+        )
+    if Path(data).is_dir():
+        return LabelMeDataset(data, short_side=short_side, max_side=max_side, pad_to=pad_to)
+    return BuildDataset(data, size=size, pad_to=pad_to)
+
+
 def build_datasets(
     data: str | Path,
     coco_images: str | Path | None = None,
@@ -1210,29 +1521,24 @@ def build_datasets(
     cis680_classes: bool = False,
     drop_empty: bool = False,
 ) -> tuple[Dataset, Dataset]:
-    """(train_set, val_set) for a CIS680 prefix, or for a COCO json (a path ending in .json,
-    with coco_images its image folder). The split (see `resolve_split`: None gives the seeded
-    80/20 split) runs over all images of the source; augment (True: `TrainAugment()`, or any
-    callable) applies to the training part only. For COCO, short_side / max_side default to
-    min(size) / max(size), so one size setting serves both sources.
+    """(train_set, val_set) for a CIS680 prefix, a COCO json (a path ending in .json, with
+    coco_images its image folder) or a folder of LabelMe json files (see `open_dataset`). The
+    split (see `resolve_split`: None gives the seeded 80/20 split) runs over all images of the
+    source; augment (True: `TrainAugment()`, or any callable) applies to the training part only.
     """
     if augment is True:
         augment = TrainAugment()
     augment = augment or None
-    if str(data).lower().endswith(".json"):
-        if coco_images is None:
-            raise _fail(data, "coco_images", "was not given", "the folder of the json's images")
-        full: BuildDataset | CocoDataset = CocoDataset(
-            data,
-            coco_images,
-            short_side=short_side or min(size),
-            max_side=max_side or max(size),
-            pad_to=pad_to,
-            cis680_classes=cis680_classes,
-            drop_empty=drop_empty,
-        )
-    else:
-        full = BuildDataset(data, size=size, pad_to=pad_to)
+    full = open_dataset(
+        data,
+        coco_images,
+        size=size,
+        pad_to=pad_to,
+        short_side=short_side,
+        max_side=max_side,
+        cis680_classes=cis680_classes,
+        drop_empty=drop_empty,
+    )
     train_idx, val_idx = resolve_split(split, len(full), val_fraction, seed)
     return full.subset(train_idx, augment=augment), full.subset(val_idx)
 
@@ -1284,6 +1590,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(
         description="Visual check of the data: save pictures of images, boxes and masks."
     )
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        help="as main_train.py's --data: builtin, a CIS680 prefix, a COCO json (with "
+        "--coco-images) or a folder of LabelMe json files",
+    )
     parser.add_argument("--cis680", metavar="PREFIX", help="CIS680 files with this prefix")
     parser.add_argument("--coco-json", metavar="FILE", help="COCO-format annotation json")
     parser.add_argument("--coco-images", metavar="DIR", help="image folder of --coco-json")
@@ -1304,9 +1616,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         nargs=2,
         metavar=("H", "W"),
         default=None,
-        help="resize target (CIS680, default 800 1066) or short/long side (COCO, 800 1333)",
+        help="resize target (CIS680, default 800 1066) or short/long side (COCO and LabelMe, "
+        "800 1333)",
     )
     args = parser.parse_args(argv)
+    if sum(x is not None for x in (args.data, args.cis680, args.coco_json)) > 1:
+        parser.error("give one of --data, --cis680 and --coco-json")
+    if args.data is not None and args.data.lower().endswith(".json"):
+        args.coco_json, args.data = args.data, None  # a COCO json: the --coco-json path
     if (args.coco_json is None) != (args.coco_images is None):
         parser.error("--coco-json and --coco-images go together")
     if args.to_cis680 and args.coco_json is None:
@@ -1328,6 +1645,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             max_side=long,
             cis680_classes=args.cis680_classes,
         )
+    elif args.data not in (None, "builtin"):
+        short, long = args.size if args.size else (800, 1333)
+        dataset = open_dataset(args.data, size=cis_size, short_side=short, max_side=long)
     else:
         prefix = args.cis680
         if prefix is None:

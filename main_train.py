@@ -3,6 +3,7 @@
     python main_train.py                                # preset "auto": cpu without a GPU
     python main_train.py --preset cis680 --data PATH/train   # CIS680 files PATH/train_*_comp_zlib.*
     python main_train.py --data ann.json --coco-images imgs/ # COCO-format json + image folder
+    python main_train.py --data my_photos/              # a folder of LabelMe json files
     python main_train.py --overfit 16 --data instances.json --coco-images images/  # fit 16 images
     torchrun --nproc_per_node=2 main_train.py ...       # DistributedDataParallel (gloo on CPU)
 
