@@ -111,6 +111,18 @@ def set_rng_states(state: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def augmentation(cfg: Config):
+    """The training split's `dataset.TrainAugment` from the config; None when off (and in
+    --overfit, which fits the images as they are)."""
+    import dataset as ds
+
+    if not cfg.augment or cfg.overfit:
+        return None
+    return ds.TrainAugment(
+        brightness=cfg.aug_color, contrast=cfg.aug_color, scale_range=tuple(cfg.aug_scale)
+    )
+
+
 def build_data(cfg: Config):
     """(train_set, val_set) for the configured data; augmentation on the training part only."""
     import dataset as ds
@@ -129,7 +141,7 @@ def build_data(cfg: Config):
         val_fraction=cfg.val_fraction,
         seed=cfg.split_seed,
         split=cfg.split_file or None,
-        augment=cfg.augment and not cfg.overfit,
+        augment=augmentation(cfg),
         cis680_classes=cfg.cis680_classes,
     )
     if cfg.overfit:

@@ -57,3 +57,22 @@ def test_unknown_checkpoint_field_is_an_error():
     data["from_the_future"] = 1
     with pytest.raises(ValueError, match="from_the_future"):
         config_from_dict(data)
+
+
+def test_augmentation_settings_reach_train_augment():
+    from main_train import augmentation
+
+    cfg = parse(["--preset", "cpu", "--aug-scale", "1", "1", "--aug-color", "0"])
+    aug = augmentation(cfg)
+    assert aug.scale_range == (1.0, 1.0) and aug.brightness == 0.0 and aug.contrast == 0.0
+    assert augmentation(parse(["--preset", "cpu", "--no-augment"])) is None
+    assert augmentation(parse(["--preset", "cpu", "--overfit", "4"])) is None
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [(["--aug-scale", "1.2", "0.8"], "aug_scale"), (["--aug-color", "1.5"], "aug_color")],
+)
+def test_bad_augmentation_settings_are_refused(argv, field):
+    with pytest.raises(ValueError, match=field):
+        parse(["--preset", "cpu", *argv])

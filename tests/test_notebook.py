@@ -116,6 +116,6 @@ def test_notebook_runs_top_to_bottom_on_the_cpu(tmp_path, monkeypatch):
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     table = text_of(cells["ap"])
     assert "metric" in table and "AP50" in table
-    assert len(list((tmp_path / "data").glob("builtin_n24_s0_*"))) == 4
+    assert len(list((tmp_path / "data").glob("builtin_v*_n24_s0_*"))) == 4
     # Nothing was written into the repository.
     assert files_in_repo() == repo_files

@@ -168,7 +168,7 @@ def test_ensure_builtin_dataset_writes_then_reuses(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(dataset, "write_cis680", spy)
     prefix = synthetic.ensure_builtin_dataset(tmp_path, num_images=6, seed=3)
-    assert prefix == tmp_path / "builtin_n6_s3" and len(calls) == 1
+    assert prefix == tmp_path / "builtin_v2_n6_s3" and len(calls) == 1
     paths = dataset.cis680_paths(prefix)
     assert all(p.is_file() for p in paths.values())
     assert "generated" in capsys.readouterr().out
@@ -253,4 +253,4 @@ def test_two_processes_at_once_generate_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
     stdout = "".join(out for out, _ in outs)
     assert stdout.count("generated") == 1  # the second process waited and reused the set
-    assert stdout.count(str(tmp_path / "builtin_n30_s0")) == 3  # 1 generation line + 2 returns
+    assert stdout.count(str(synthetic.builtin_prefix(tmp_path, 30, 0))) == 3  # 1 generation line + 2 returns
