@@ -77,6 +77,46 @@ def mask_ious(masks: Tensor, mask_area: Tensor | None = None) -> Tensor:
     return inter / union.clamp(min=1e-6)
 
 
+def matrix_nms_decay_sorted(
+    masks: Tensor,
+    labels: Tensor,
+    kernel: str = "gaussian",
+    sigma: float = 2.0,
+    mask_area: Tensor | None = None,
+) -> Tensor:
+    """The decay factors of Matrix NMS for masks already sorted by decreasing score.
+
+    The whole of `matrix_nms` but the sort, with static shapes and no data-dependent branch,
+    so that `export.py` traces the same function into its ONNX graph. Masks after the last
+    real one (padding, lowest scores) never lower the decay of an earlier mask: only
+    higher-ranked masks decay a mask, and every other row of the decay matrix is >= 1.
+
+    Args:
+        masks: (n, h, w) binary masks, sorted by decreasing score (ties: input order).
+        labels: (n,) class ids in the same order.
+        kernel, sigma, mask_area: as `matrix_nms`.
+    Returns:
+        (n,) decay factors in [0, 1], aligned with the sorted input.
+    """
+    n = masks.shape[0]
+    # ious[i, j]: IoU of a higher-scored mask i with a lower-scored mask j of the same class.
+    ious = mask_ious(masks, mask_area).triu(diagonal=1)  # (n, n)
+    same_class = labels[:, None] == labels[None, :]  # (n, n)
+    ious = ious * same_class
+    # cmax_i: how much mask i is itself suppressed; row i of the compensation holds cmax_i.
+    cmax = ious.max(dim=0).values  # (n,)
+    comp = cmax[:, None].expand(n, n)  # (n, n)
+    if kernel == "gaussian":
+        decay_matrix = torch.exp(-sigma * (ious**2 - comp**2))
+    else:
+        # An exact duplicate of a higher mask has cmax = 1; eps keeps 0/0 out of the min.
+        decay_matrix = (1 - ious) / (1 - comp).clamp(min=1e-6)
+    # Rows that are not a higher-scored same-class mask give >= 1, and row 0 (the top mask,
+    # cmax 0) gives <= 1 in every column, so the column minimum is already <= 1; the clamp
+    # only guards rounding.
+    return decay_matrix.min(dim=0).values.clamp(max=1.0)  # (n,)
+
+
 def matrix_nms(
     masks: Tensor,
     labels: Tensor,
@@ -119,24 +159,8 @@ def matrix_nms(
 
     order = torch.argsort(scores, descending=True, stable=True)  # (n,)
     sorted_scores = scores[order]
-    sorted_labels = labels[order]
     area = None if mask_area is None else mask_area[order]
-    # ious[i, j]: IoU of a higher-scored mask i with a lower-scored mask j of the same class.
-    ious = mask_ious(masks[order], area).triu(diagonal=1)  # (n, n)
-    same_class = sorted_labels[:, None] == sorted_labels[None, :]  # (n, n)
-    ious = ious * same_class
-    # cmax_i: how much mask i is itself suppressed; row i of the compensation holds cmax_i.
-    cmax = ious.max(dim=0).values  # (n,)
-    comp = cmax[:, None].expand(n, n)  # (n, n)
-    if kernel == "gaussian":
-        decay_matrix = torch.exp(-sigma * (ious**2 - comp**2))
-    else:
-        # An exact duplicate of a higher mask has cmax = 1; eps keeps 0/0 out of the min.
-        decay_matrix = (1 - ious) / (1 - comp).clamp(min=1e-6)
-    # Rows that are not a higher-scored same-class mask give >= 1, and row 0 (the top mask,
-    # cmax 0) gives <= 1 in every column, so the column minimum is already <= 1; the clamp
-    # only guards rounding.
-    decay = decay_matrix.min(dim=0).values.clamp(max=1.0)  # (n,)
+    decay = matrix_nms_decay_sorted(masks[order], labels[order], kernel, sigma, area)  # (n,)
     decayed = torch.empty_like(sorted_scores)
     decayed[order] = sorted_scores * decay
     return decayed
@@ -177,6 +201,18 @@ def _empty_result(orig_size: tuple[int, int], device: torch.device) -> dict[str,
     }
 
 
+def resize_matrix(n_in: int, n_padded: int, n_crop: int, n_out: int) -> Tensor:
+    """One axis of `resize_masks` as a matrix: (n_out, n_in), output = matrix @ input.
+
+    The axis' three steps (linear upsampling n_in -> n_padded, keeping the first n_crop,
+    linear resize to n_out; align_corners=False, as F.interpolate's bilinear does per axis)
+    are one linear map; applying the steps to the identity gives its matrix.
+    """
+    eye = torch.eye(n_in).unsqueeze(1)  # (n_in, 1, n_in): signal i is the i-th unit vector
+    up = F.interpolate(eye, size=n_padded, mode="linear", align_corners=False)[..., :n_crop]
+    return F.interpolate(up, size=n_out, mode="linear", align_corners=False)[:, 0].T
+
+
 def resize_masks(
     mask_probs: Tensor,
     padded_size: tuple[int, int],
@@ -187,8 +223,12 @@ def resize_masks(
 ) -> Tensor:
     """Soft masks at feature size -> binary masks at the original image size (authors' order).
 
-    Bilinear upsampling to the padded input, crop of the bottom/right padding, bilinear resize
-    to the original size, and only then the threshold. Done `chunk` masks at a time.
+    The authors' steps: bilinear upsampling to the padded input, crop of the bottom/right
+    padding, bilinear resize to the original size, and only then the threshold. Bilinear
+    resizing is separable, so the three steps are one linear map per axis (`resize_matrix`):
+    masks = R_y @ probs @ R_x^T, the same values up to float rounding, as two matrix products
+    instead of (k, H, W) masks at the padded input size (measured: 78 against 242 ms for 100
+    masks, 200x272 -> 800x1088 -> 300x400, 2 threads). Done `chunk` masks at a time.
 
     Args:
         mask_probs: (k, h4, w4) soft masks in [0, 1].
@@ -196,16 +236,15 @@ def resize_masks(
     Returns:
         (k, h0, w0) uint8 masks in {0, 1}.
     """
-    h, w = input_size
-    out = torch.zeros(
-        (mask_probs.shape[0], *orig_size), dtype=torch.uint8, device=mask_probs.device
-    )
-    for start in range(0, mask_probs.shape[0], chunk):
-        part = mask_probs[start : start + chunk, None].float()  # (c, h4, w4) -> (c, 1, h4, w4)
-        part = F.interpolate(part, size=tuple(padded_size), mode="bilinear", align_corners=False)
-        part = part[:, :, :h, :w]  # (c, 1, H, W) -> (c, 1, h, w): drop the padding
-        part = F.interpolate(part, size=tuple(orig_size), mode="bilinear", align_corners=False)
-        out[start : start + chunk] = (part[:, 0] > ins_thresh).to(torch.uint8)
+    k, h4, w4 = mask_probs.shape
+    device = mask_probs.device
+    rows = resize_matrix(h4, padded_size[0], input_size[0], orig_size[0]).to(device)  # (h0, h4)
+    cols = resize_matrix(w4, padded_size[1], input_size[1], orig_size[1]).to(device)  # (w0, w4)
+    out = torch.zeros((k, *orig_size), dtype=torch.uint8, device=device)
+    for start in range(0, k, chunk):
+        part = mask_probs[start : start + chunk].float()  # (c, h4, w4)
+        full = torch.matmul(rows, part) @ cols.T  # (c, h0, w4) -> (c, h0, w0)
+        out[start : start + chunk] = (full > ins_thresh).to(torch.uint8)
     return out
 
 

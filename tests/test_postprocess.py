@@ -10,6 +10,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+import torch.nn.functional as F
 
 from postprocess import (
     finish_single,
@@ -17,6 +18,7 @@ from postprocess import (
     matrix_nms,
     points_nms,
     resize_masks,
+    resize_matrix,
     select_candidates,
 )
 
@@ -305,3 +307,37 @@ def test_finish_single_empty():
     # every candidate below ins_thresh: the same empty result
     out = finish_single(torch.full((2, 8, 12), 0.3), torch.tensor([1, 2]), torch.ones(2))
     assert out["masks"].shape == (0, 32, 48)
+
+
+def reference_resize(probs, padded_size, input_size, orig_size):
+    """The authors' three steps at full size, F.interpolate as in their code."""
+    up = F.interpolate(probs[:, None], size=padded_size, mode="bilinear", align_corners=False)
+    up = up[:, :, : input_size[0], : input_size[1]]
+    return F.interpolate(up, size=orig_size, mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize(
+    "h4, w4, padded, inp, orig",
+    [
+        (8, 12, (32, 48), (32, 42), (30, 40)),  # shrink, padding on the right
+        (200, 272, (800, 1088), (800, 1066), (300, 400)),  # the hand-out's sizes
+        (12, 16, (48, 64), (45, 64), (90, 128)),  # enlarge, padding at the bottom
+        (5, 7, (20, 28), (20, 28), (20, 28)),  # plain x4 upsampling
+    ],
+)
+def test_separable_resize_equals_the_three_interpolations(h4, w4, padded, inp, orig):
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, h4, w4, generator=gen)
+    probs[1] = (probs[1] > 0.7).float()  # hard edges too
+    ref = reference_resize(probs, padded, inp, orig)
+    got = resize_masks(probs, padded, inp, orig)
+    assert got.shape == (3, *orig) and got.dtype == torch.uint8
+    clear = (ref - 0.5).abs() > 1e-5  # float rounding may flip only values at the threshold
+    assert torch.equal(got.bool()[clear], (ref > 0.5)[clear])
+    matrix = resize_matrix(w4, padded[1], inp[1], orig[1])  # (w0, w4)
+    cols = F.interpolate(
+        F.interpolate(probs[0][:, None], size=padded[1], mode="linear")[..., : inp[1]],
+        size=orig[1],
+        mode="linear",
+    )[:, 0]  # (h4, w0): each row of mask 0 resized alone along its width
+    torch.testing.assert_close(probs[0] @ matrix.T, cols, atol=1e-6, rtol=1e-5)
