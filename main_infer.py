@@ -8,6 +8,14 @@ Pictures (`<image>_pred.png`: masks over the image in a colour per class, with c
 score) and `results.json` (COCO results format, RLE masks) go to `--out` (default
 `RUN/inference`). The model is rebuilt from the config stored in the checkpoint.
 
+    python main_infer.py --onnx runs/solo_cpu/solo.onnx [--images ...] [--eval]
+
+runs a model exported by `export.py` with ONNX Runtime on the CPU instead, one image at a time
+at the exported input size (its config, class names and thresholds come from the file's
+metadata), and writes the same pictures and json (default folder: `inference_onnx` beside the
+file). An image whose padded size differs from the exported one is zero-padded to it, as a
+batch pads it in the PyTorch path (or, larger, resized to fit: see `export.graph_input`).
+
 Shape legend: B batch, k kept instances, h0 x w0 original image size, H x W padded input.
 """
 
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +49,27 @@ def predict_batches(model, loader, device) -> list[tuple[dict, dict]]:
         results = model.predict(imgs.to(device), metas)
         for meta, result in zip(metas, results, strict=True):
             out.append((meta, {k: v.cpu() for k, v in result.items()}))
+    return out
+
+
+def predict_onnx(runner, dataset, source) -> list[tuple[dict, dict]]:
+    """[(meta, result)] for every image of `dataset` from an `export.OnnxSOLO`, one at a time;
+    `source(i)` gives image i's original (3, h0, w0) uint8 (for an image that must be resized to
+    fit the exported input). Warns for each image whose result may differ from the PyTorch
+    path's: more candidates passed than the graph holds (see export.py, "Static shapes")."""
+    out = []
+    for i in range(len(dataset)):
+        img, _, _, _, meta = dataset[i]
+        meta, result, outputs = runner.predict(img, meta, lambda i=i: source(i))
+        if not bool(outputs["exact"]):
+            print(
+                f"warning: {meta.get('file_name', i)}: {int(outputs['num_candidates'])} entries "
+                f"passed cate_thresh, more than the graph's {runner.max_candidates}; the result "
+                "may differ from the PyTorch model's (export again with a larger "
+                "--max-candidates)",
+                file=sys.stderr,
+            )
+        out.append((meta, result))
     return out
 
 
@@ -222,12 +252,16 @@ def save_pictures(predictions, source, class_names, out_dir: Path, score_min: fl
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+    model_source = parser.add_mutually_exclusive_group(required=True)
+    model_source.add_argument("--checkpoint", help="run folder or checkpoint file")
+    model_source.add_argument("--onnx", help="an ONNX file from export.py (ONNX Runtime, CPU)")
     parser.add_argument("--images", nargs="+", help="image files or folders (default: val split)")
     parser.add_argument("--eval", action="store_true", help="COCO mask AP on the val split")
-    parser.add_argument("--out", default=None, help="output folder (default RUN/inference)")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default RUN/inference, or inference_onnx)"
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help="PyTorch only (ONNX: 1)")
     parser.add_argument("--max-pictures", type=int, default=20, help="PNGs to draw (0 = all)")
     parser.add_argument("--score-min", type=float, default=0.3, help="draw masks above this")
     parser.add_argument("--data", default=None, help="evaluate on other data than the run's")
@@ -236,11 +270,19 @@ def main(argv: list[str] | None = None):
     from evaluation import format_table, write_results_json
     from main_train import build_data, resolve_device
 
-    device = resolve_device(args.device)
-    model, cfg, class_names = load_model(args.checkpoint, device)
-    ckpt_path = Path(args.checkpoint)
-    run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
-    out_dir = Path(args.out) if args.out else run_dir / "inference"
+    if args.onnx:
+        from export import OnnxSOLO
+
+        runner = OnnxSOLO(args.onnx)
+        cfg, class_names = runner.cfg, runner.class_names
+        default_out = Path(args.onnx).parent / "inference_onnx"
+    else:
+        device = resolve_device(args.device)
+        model, cfg, class_names = load_model(args.checkpoint, device)
+        ckpt_path = Path(args.checkpoint)
+        run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
+        default_out = run_dir / "inference"
+    out_dir = Path(args.out) if args.out else default_out
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if args.images:
@@ -257,7 +299,10 @@ def main(argv: list[str] | None = None):
         def source(i):
             return torch.as_tensor(data.raw(i)[0])
 
-    predictions = predict_batches(model, _loader(data, args.batch_size), device)
+    if args.onnx:
+        predictions = predict_onnx(runner, data, source)
+    else:
+        predictions = predict_batches(model, _loader(data, args.batch_size), device)
     detections = detections_of(predictions, None if args.images else data)
     write_results_json(out_dir / "results.json", detections)
     n_pics = len(predictions) if args.max_pictures == 0 else args.max_pictures

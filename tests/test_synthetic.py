@@ -253,4 +253,5 @@ def test_two_processes_at_once_generate_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
     stdout = "".join(out for out, _ in outs)
     assert stdout.count("generated") == 1  # the second process waited and reused the set
-    assert stdout.count(str(synthetic.builtin_prefix(tmp_path, 30, 0))) == 3  # 1 generation line + 2 returns
+    prefix = str(synthetic.builtin_prefix(tmp_path, 30, 0))
+    assert stdout.count(prefix) == 3  # 1 generation line + 2 returns

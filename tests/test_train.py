@@ -155,7 +155,8 @@ def test_ddp_two_processes_on_the_cpu(data_root, tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         "--master_port=29533", str(ROOT / "main_train.py"),
-        "--preset", "cpu", "--model", "solo", "--device", "cpu", "--epochs", "1", "--num-images", "24",
+        "--preset", "cpu", "--model", "solo", "--device", "cpu", "--epochs", "1",
+        "--num-images", "24",
         "--input-size", "64", "96", "--depth", "18", "--fpn-channels", "32",
         "--seg-feat-channels", "16", "--stacked-convs", "1", "--num-grids", "8", "8", "6", "4",
         "3", "--scale-ranges", "1,24", "12,48", "24,96", "48,192", "96,2048",
