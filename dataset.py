@@ -820,6 +820,24 @@ def _check_annotation(ann: dict, image: dict, json_path: Path) -> None:
             )
 
 
+def photo_sample(data, raw: tuple, image_id: int, file_name: str) -> tuple:
+    """The sample contract from a photo's raw (image, masks, labels, boxes) at its own size:
+    aspect-kept resize (`coco_input_size` with data.short_side / max_side), `preprocess`
+    with data.pad_to, the meta dict, then data.augment. Shared by the COCO and LabelMe sets."""
+    image, masks, labels, boxes = raw
+    size = coco_input_size(image.shape[1:], data.short_side, data.max_side)
+    img, masks_t, boxes_t, parts = preprocess(
+        torch.from_numpy(image),
+        torch.from_numpy(masks),
+        torch.from_numpy(boxes),
+        size,
+        data.pad_to,
+    )
+    meta = {"image_id": image_id, **parts, "file_name": file_name}
+    sample = (img, torch.from_numpy(labels), masks_t, boxes_t, meta)
+    return data.augment(sample) if data.augment is not None else sample
+
+
 class CocoDataset(Dataset):
     """COCO-format json + image folder with the same output contract as BuildDataset.
 
@@ -1024,20 +1042,9 @@ class CocoDataset(Dataset):
         return image, empty, np.zeros((0,), np.int64), np.zeros((0, 4), np.float32)
 
     def __getitem__(self, i: int):
-        image, masks, labels, boxes = self.raw(i)
-        size = coco_input_size(image.shape[1:], self.short_side, self.max_side)
-        img, masks_t, boxes_t, parts = preprocess(
-            torch.from_numpy(image),
-            torch.from_numpy(masks),
-            torch.from_numpy(boxes),
-            size,
-            self.pad_to,
-        )
         image_id = self.image_ids[i]
         file_name = str(self.image_dir / self.coco.imgs[image_id]["file_name"])
-        meta = {"image_id": int(image_id), **parts, "file_name": file_name}
-        sample = (img, torch.from_numpy(labels), masks_t, boxes_t, meta)
-        return self.augment(sample) if self.augment is not None else sample
+        return photo_sample(self, self.raw(i), int(image_id), file_name)
 
 
 def circle_polygon(centre: Sequence[float], rim: Sequence[float]) -> list[float]:
@@ -1281,20 +1288,9 @@ class LabelMeDataset(Dataset):
         return image, empty, np.zeros((0,), np.int64), np.zeros((0, 4), np.float32)
 
     def __getitem__(self, i: int):
-        image, masks, labels, boxes = self.raw(i)
-        size = coco_input_size(image.shape[1:], self.short_side, self.max_side)
-        img, masks_t, boxes_t, parts = preprocess(
-            torch.from_numpy(image),
-            torch.from_numpy(masks),
-            torch.from_numpy(boxes),
-            size,
-            self.pad_to,
-        )
         file = self.files[self.indices[i]]
         file_name = str(file.image_path if file.image_path is not None else file.json_path)
-        meta = {"image_id": int(self.indices[i]), **parts, "file_name": file_name}
-        sample = (img, torch.from_numpy(labels), masks_t, boxes_t, meta)
-        return self.augment(sample) if self.augment is not None else sample
+        return photo_sample(self, self.raw(i), int(self.indices[i]), file_name)
 
 
 # --------------------------------------------------------------------------------------------
