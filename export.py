@@ -45,6 +45,16 @@ generator) otherwise. Every image must give the same instances (labels, order), 
 scores within 1e-3, `exact` true and the same number of candidates as the PyTorch path. A
 failed check deletes the file and exits with the differences listed.
 
+Knife edges. Binarisation at ins_thresh and the selection at cate_thresh are steps: a value
+that lies within float rounding of the threshold (2e-6 apart between 1 and 2 PyTorch threads,
+measured) falls on either side depending on the order of a sum, in PyTorch as in ONNX Runtime.
+One such mask pixel changes the area, hence the maskness of a small mask, by more than 1e-3
+(measured: a Decoupled SOLO pixel at 0.4999998 in one run and 0.5000001 in the other moved a
+score from 0.6145 to 0.6017). No export can promise equality there, so an image whose PyTorch
+candidates hold a mask value within `EDGE_TOL` of ins_thresh or a category score within it of
+cate_thresh, and whose results differ, is reported as inconclusive rather than failed; the check
+passes only with at least one conclusive image and no failed one.
+
 Cost of static shapes: the graph always computes its M candidate masks and a P x P Matrix
 NMS, also for an image where few entries pass, where the PyTorch path computes only those; and
 SOLO's candidate masks are one product over all L levels' stacked mask features (the other
@@ -90,6 +100,7 @@ MASK_STRIDE = 4  # the masks come out at H/4 x W/4 (every head's mask-feature si
 IOU_MIN = 0.99  # the check: mask IoU of every instance at the original size ...
 SCORE_TOL = 1e-3  # ... and score difference
 CHECK_IMAGES = 4  # images the check compares by default
+EDGE_TOL = 1e-5  # a value this close to a threshold is a knife edge (see "Knife edges")
 CHECK_SEED = 680  # synthetic.py seed of the constructed check images
 RESIZE_CHUNK = 16  # masks resized at once in `finish_outputs`
 
@@ -593,13 +604,14 @@ def check_export(
     that the graph's static top-M held the PyTorch path's candidate set.
     """
     head = model.head
-    problems, n_instances, n_candidates = [], 0, []
+    problems, inconclusive, n_instances, n_candidates = [], [], 0, []
     for img, meta, raw in samples:
         x, meta_x = graph_input(img, meta, runner.frame, runner.cfg.pad_to, raw)
         preds = head(model.backbone(x), eval=True)
         (reference,) = head.PostProcess(preds, [meta_x], padded_size=tuple(x.shape[-2:]))
         img_preds = [p[0] if isinstance(p, Tensor) else [t[0] for t in p] for p in preds]
-        torch_candidates = head.candidates(img_preds[0])[0].numel()
+        cells = head.candidates(img_preds[0])[0]
+        torch_candidates = cells.numel()
         _, result, outputs = runner.predict(img, meta, raw)
         name = meta.get("file_name", meta.get("image_id"))
         onnx_candidates = int(outputs["num_candidates"])
@@ -608,15 +620,53 @@ def check_export(
                 f"{name}: {onnx_candidates} entries pass cate_thresh, more than max_candidates "
                 f"{runner.max_candidates}; export again with --max-candidates {onnx_candidates}"
             )
+        found = []
         if onnx_candidates != torch_candidates:
-            problems.append(
-                f"{name}: {torch_candidates} candidates in PyTorch, {onnx_candidates} in the graph"
+            found.append(f"{torch_candidates} candidates in PyTorch, {onnx_candidates} in the graph")
+        found += compare_results(reference, result)
+        edges = knife_edges(model, preds, cells) if found else 0
+        if found and edges:
+            inconclusive.append(
+                f"{name}: inconclusive, {edges} values within {EDGE_TOL:g} of a threshold "
+                f"(first difference: {found[0]})"
             )
-        problems += [f"{name}: {p}" for p in compare_results(reference, result)]
+        else:
+            problems += [f"{name}: {p}" for p in found]
         n_instances += len(reference["scores"])
         n_candidates.append(torch_candidates)
-    summary = {"images": len(samples), "instances": n_instances, "candidates": n_candidates}
+    if len(inconclusive) == len(samples) and samples:
+        problems.append(
+            f"no conclusive image: every one has a value on a threshold's knife edge "
+            f"({len(samples)} compared); check with more images (--check-images)"
+        )
+    summary = {
+        "images": len(samples),
+        "instances": n_instances,
+        "candidates": n_candidates,
+        "inconclusive": inconclusive,
+    }
     return problems, summary
+
+
+def knife_edges(model: nn.Module, preds: tuple, cells: Tensor) -> int:
+    """How many of one image's values lie within EDGE_TOL of a threshold, where float rounding
+    decides the side: the category scores (all entries) against cate_thresh and the soft masks
+    of the candidate cells `cells` against ins_thresh. preds: the head's eval outputs, batch 1."""
+    head = model.head
+    C = head.cate_out_channels
+    cate = torch.cat([c[0].permute(1, 2, 0).reshape(-1, C) for c in preds[0]])
+    edges = _near(cate, head.cate_thresh)
+    if cells.numel():
+        graph = InferenceGraph(model, max_candidates=1, max_instances=1)
+        edges += _near(graph.candidate_masks(preds, cells.unique()), head.ins_thresh)
+    return edges
+
+
+def _near(values: Tensor, threshold: float) -> int:
+    """Values within EDGE_TOL of `threshold` but not on it: a value exactly on it comes from an
+    exact zero (SOLOv2: sigmoid(0) = 0.5 where the mask features are all 0), on both sides."""
+    gap = (values - threshold).abs()
+    return int(((gap <= EDGE_TOL) & (gap > 0)).sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -680,6 +730,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"{what} ({summary['instances']} instances, candidates per image "
         f"{summary['candidates']})"
     )
+    for line in summary["inconclusive"]:
+        print(f"note: {line}")
     if summary["instances"] == 0:
         print(
             "note: no instance on the check images (nothing above cate_thresh): only empty "
