@@ -622,7 +622,9 @@ def check_export(
             )
         found = []
         if onnx_candidates != torch_candidates:
-            found.append(f"{torch_candidates} candidates in PyTorch, {onnx_candidates} in the graph")
+            found.append(
+                f"{torch_candidates} candidates in PyTorch, {onnx_candidates} in the graph"
+            )
         found += compare_results(reference, result)
         edges = knife_edges(model, preds, cells) if found else 0
         if found and edges:
