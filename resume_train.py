@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None):
     if "epochs" in changes:
         # An explicit epoch count overrides the one a time budget fixed in the first epoch.
         checkpoint["epochs_total"] = cfg.epochs
+        checkpoint["iters_total"] = 0  # whole epochs again
     return train(cfg, checkpoint=checkpoint)
 
 

@@ -69,6 +69,37 @@ def test_lr_schedule_warmup_steps_and_cosine():
     assert main_train.lr_at(cos, 100, 0, 100) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_budget_probe_fits_iterations_to_the_time_left():
+    cfg = replace(CPU, time_budget_min=1.0, epochs=12)  # 60 s
+    probe = main_train.BudgetProbe(cfg, t_start=0.0, iters_per_epoch=10, val_batches=3)
+    # 1 s per iteration, an epoch costs 10 + 3/3 = 11 s: 55 s left after 5 s hold 5 epochs
+    assert probe.iterations_that_fit(1.0, iteration=5, elapsed=5.0) == 55
+    # a fraction of an epoch is kept: 52.25 s left hold 4.75 epochs, 47.5 iterations
+    assert probe.iterations_that_fit(1.0, iteration=5, elapsed=7.75) == 52
+    assert probe.iterations_that_fit(0.001, iteration=5, elapsed=5.0) == 120  # 12 epochs at most
+    assert probe.iterations_that_fit(1.0, iteration=5, elapsed=90.0) == 6  # over: one more
+
+
+def test_a_time_budget_may_end_the_last_epoch_early(data_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(main_train.BudgetProbe, "SKIP", 1)
+    monkeypatch.setattr(main_train.BudgetProbe, "PROBE_ITERS", 3)
+    monkeypatch.setattr(
+        main_train.BudgetProbe,
+        "iterations_that_fit",
+        lambda self, per_iter, iteration, elapsed: self.iters_per_epoch + 2,
+    )
+    cfg = replace(TINY, epochs=5, time_budget_min=10.0, out=str(tmp_path / "run"))
+    metrics = main_train.train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    per_epoch = ckpt["iters_total"] - 2
+    assert per_epoch >= 3 and ckpt["iteration"] == per_epoch + 2
+    assert (ckpt["epoch"], ckpt["epochs_total"]) == (2, 2) and metrics is not None
+    last = ckpt["history"][-1]
+    assert last["iter"] == per_epoch + 2 and last["epoch"] == 2
+    # the cosine schedule runs over the iterations that fit, not over whole epochs
+    assert last["lr"] == pytest.approx(main_train.lr_at(cfg, per_epoch + 1, 1, per_epoch + 2))
+
+
 def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path):
     path = tmp_path / "last.pt"
     main_train.atomic_save({"a": torch.ones(2)}, path)
