@@ -272,6 +272,32 @@ def write_loss_logs(run_dir: Path, history: list[dict], val_history: list[dict])
     fig.savefig(run_dir / "loss.png", dpi=90)
 
 
+def write_learning_curve(run_dir: Path, points: list[dict]) -> None:
+    """learning_curve.csv and learning_curve.png: held-out AP and AP50 against minutes of run
+    time (evaluation excluded), one point per `--eval-at-min` mark and one at the end."""
+    with open(run_dir / "learning_curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(points[0]))
+        writer.writeheader()
+        writer.writerows(points)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    minutes = [0.0] + [p["mark_min"] for p in points]
+    for key in ("AP", "AP50"):
+        values = [0.0] + [p[key] for p in points]
+        ax.plot(minutes, values, "o-", label=f"mask {key}")
+        for x, y in zip(minutes[1:], values[1:], strict=True):
+            ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 5), ha="center")
+    ax.set_xlabel("minutes of training (data and training; evaluation excluded)")
+    ax.set_ylabel("held-out mask AP")
+    ax.set_title("learning curve")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(run_dir / "learning_curve.png", dpi=90)
+
+
 # --------------------------------------------------------------------------------------------
 # the training loop
 # --------------------------------------------------------------------------------------------
@@ -529,6 +555,11 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
     if is_main and finished and len(val_set):
         metrics = evaluate_model(model, val_set, cfg, device)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if cfg.eval_at_min:  # the end of the run is the learning curve's last point
+            minutes = (time.time() - t_start - eval_seconds) / 60.0
+            point = {"mark_min": round(minutes, 2), "iteration": state["iteration"], **metrics}
+            state["ap_history"].append(point)
+            write_learning_curve(run_dir, state["ap_history"])
         from evaluation import format_table
 
         what = "training (overfit)" if cfg.overfit else "held-out"
@@ -550,10 +581,7 @@ def _learning_curve_point(model, val_set, cfg, device, state, mark, is_main, run
         metrics = evaluate_model(model, val_set, cfg, device)
         point = {"mark_min": mark, "iteration": state["iteration"], **metrics}
         state["ap_history"].append(point)
-        with open(run_dir / "learning_curve.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(point))
-            writer.writeheader()
-            writer.writerows(state["ap_history"])
+        write_learning_curve(run_dir, state["ap_history"])
         print(
             f"\n[{mark:g} min] mask AP {metrics['AP']:.4f} (AP50 {metrics['AP50']:.4f}) "
             f"on the {len(val_set)} evaluation images"

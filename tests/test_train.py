@@ -1,5 +1,6 @@
 """Training, checkpoint/resume, inference and DDP on a tiny model and the built-in data."""
 
+import csv
 import json
 import math
 import os
@@ -98,6 +99,17 @@ def test_a_time_budget_may_end_the_last_epoch_early(data_root, tmp_path, monkeyp
     assert last["iter"] == per_epoch + 2 and last["epoch"] == 2
     # the cosine schedule runs over the iterations that fit, not over whole epochs
     assert last["lr"] == pytest.approx(main_train.lr_at(cfg, per_epoch + 1, 1, per_epoch + 2))
+
+
+def test_learning_curve_has_a_point_per_mark_and_one_at_the_end(data_root, tmp_path):
+    cfg = replace(TINY, epochs=1, eval_at_min=(0.0,), out=str(tmp_path / "run"))
+    metrics = main_train.train(cfg)
+    with open(tmp_path / "run" / "learning_curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows][0] == 1  # the 0-minute mark: after iteration 1
+    assert len(rows) == 2 and float(rows[1]["mark_min"]) > 0
+    assert float(rows[1]["AP"]) == pytest.approx(metrics["AP"])
+    assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 0
 
 
 def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path):
