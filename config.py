@@ -139,8 +139,14 @@ CPU = Config(
     stacked_convs=2,
     num_grids=(24, 20, 16, 12, 8),
     scale_ranges=((1, 24), (12, 48), (24, 96), (48, 192), (96, 2048)),  # hand-out's x 0.24
+    # The mask-feature branch at half the authors' width (64 channels, E = 128): at the same
+    # iterations it learned as much (held-out AP 0.070 against 0.065 after 500) and trains
+    # faster. AdamW lr 2e-3: after 500 iterations AP 0.073 against 0.065 at 1e-3 and 0.033 at
+    # 3e-3 (README, "The CPU preset").
+    kernel_channels=128,
+    mask_feat_channels=64,
     optimizer="adamw",
-    lr=1e-3,
+    lr=2e-3,
     weight_decay=1e-4,
     batch_size=8,
     epochs=12,
@@ -191,7 +197,7 @@ _LIGHT = {
 #   The new models use the authors' post-processing.
 # - cpu: the preset's towers (2 x 64), input and ranges are already below the light models',
 #   so the models keep them (a like-for-like comparison with SOLO); the light variants only
-#   halve E.
+#   halve E (128 -> 64).
 MODEL_DEFAULTS: dict[str, dict[str, dict]] = {
     "cis680": {
         "decoupled_solo": dict(_AUTHORS_POSTPROCESS),
@@ -200,7 +206,7 @@ MODEL_DEFAULTS: dict[str, dict[str, dict]] = {
         "solov2_light": {**_LIGHT, "kernel_channels": 128, **_AUTHORS_POSTPROCESS},
     },
     "cpu": {
-        "solov2_light": {"kernel_channels": 128},
+        "solov2_light": {"kernel_channels": 64},
     },
 }
 

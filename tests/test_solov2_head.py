@@ -523,7 +523,7 @@ def test_light_models_bring_their_defaults_unless_set():
 def test_cpu_preset_keeps_its_small_model_for_every_model():
     assert parse(["--preset", "cpu", "--model", "solov2"]) == replace(CPU, model="solov2")
     assert parse(["--preset", "cpu", "--model", "solov2_light"]) == replace(
-        CPU, model="solov2_light", kernel_channels=128
+        CPU, model="solov2_light", kernel_channels=64
     )
 
 

@@ -79,6 +79,11 @@ def test_budget_probe_fits_iterations_to_the_time_left():
     assert probe.iterations_that_fit(1.0, iteration=5, elapsed=7.75) == 52
     assert probe.iterations_that_fit(0.001, iteration=5, elapsed=5.0) == 120  # 12 epochs at most
     assert probe.iterations_that_fit(1.0, iteration=5, elapsed=90.0) == 6  # over: one more
+    # at an epoch's end, from measured speeds: 1 s per iteration and a 4 s validation pass make
+    # 14 s epochs; 28 s left hold 2 more, 7 s half of one, none left ends the run now
+    assert probe.replan(20, per_iter=1.0, val_seconds=4.0, elapsed=32.0) == 40
+    assert probe.replan(20, per_iter=1.0, val_seconds=4.0, elapsed=53.0) == 25
+    assert probe.replan(20, per_iter=1.0, val_seconds=4.0, elapsed=70.0) == 20
 
 
 def test_a_time_budget_may_end_the_last_epoch_early(data_root, tmp_path, monkeypatch):
@@ -88,6 +93,9 @@ def test_a_time_budget_may_end_the_last_epoch_early(data_root, tmp_path, monkeyp
         main_train.BudgetProbe,
         "iterations_that_fit",
         lambda self, per_iter, iteration, elapsed: self.iters_per_epoch + 2,
+    )
+    monkeypatch.setattr(  # the re-plan after epoch 1 keeps the plan
+        main_train.BudgetProbe, "replan", lambda self, *args: self.iters_per_epoch + 2
     )
     cfg = replace(TINY, epochs=5, time_budget_min=10.0, out=str(tmp_path / "run"))
     metrics = main_train.train(cfg)
