@@ -655,9 +655,7 @@ def knife_edges(model: nn.Module, preds: tuple, cells: Tensor) -> int:
     decides the side: the category scores (all entries) against cate_thresh and the soft masks
     of the candidate cells `cells` against ins_thresh. preds: the head's eval outputs, batch 1."""
     head = model.head
-    C = head.cate_out_channels
-    cate = torch.cat([c[0].permute(1, 2, 0).reshape(-1, C) for c in preds[0]])
-    edges = _near(cate, head.cate_thresh)
+    edges = sum(_near(c, head.cate_thresh) for c in preds[0])
     if cells.numel():
         graph = InferenceGraph(model, max_candidates=1, max_instances=1)
         edges += _near(graph.candidate_masks(preds, cells.unique()), head.ins_thresh)

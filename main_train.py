@@ -191,18 +191,21 @@ class BudgetProbe:
         """Total iterations for `per_iter` seconds per iteration, `iteration` done after
         `elapsed` seconds: at least one more, at most `max_epochs` epochs."""
         per_epoch = per_iter * (self.iters_per_epoch + self.val_batches / 3.0)
-        more_epochs = max(self.budget - elapsed, 0.0) / per_epoch
-        total = int(iteration + more_epochs * self.iters_per_epoch)
-        return max(iteration + 1, min(self.max_epochs * self.iters_per_epoch, total))
+        return self._total(per_epoch, iteration, elapsed, at_least=iteration + 1)
 
     def replan(self, iteration: int, per_iter: float, val_seconds: float, elapsed: float) -> int:
         """At an epoch's end: the run's total iterations again, from the last epoch's measured
         seconds per iteration and validation pass (the first probe's 20 iterations misjudged
         the rest by 8 %, measured: 19.1 min for a 17.5 min budget). Can end the run now."""
         per_epoch = per_iter * self.iters_per_epoch + val_seconds
+        return self._total(per_epoch, iteration, elapsed, at_least=iteration)
+
+    def _total(self, per_epoch: float, iteration: int, elapsed: float, at_least: int) -> int:
+        """`iteration` plus the iterations of the epochs (`per_epoch` seconds each, fractions
+        kept) that fit the budget's time left; in [at_least, max_epochs epochs]."""
         more_epochs = max(self.budget - elapsed, 0.0) / per_epoch
         total = int(iteration + more_epochs * self.iters_per_epoch)
-        return max(iteration, min(self.max_epochs * self.iters_per_epoch, total))
+        return max(at_least, min(self.max_epochs * self.iters_per_epoch, total))
 
     def finish(self, epochs_done: int) -> int:
         """Fallback when an epoch is shorter than the probe: decide from whole epochs; returns
@@ -516,11 +519,9 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
                 point = {k: sum(v[k] for v in window) / len(window) for k in LOSS_KEYS}
                 state["history"].append({"iter": it + 1, "epoch": epoch + 1, "lr": lr, **point})
             if budget_probe is not None and state["epochs_total"] == 0:
-                decided = budget_probe.step(it + 1 - start_iter, it + 1)
-                if world > 1:  # every rank must follow rank 0's schedule
-                    decided_t = torch.tensor([decided], device=device)
-                    dist.broadcast(decided_t, 0)
-                    decided = int(decided_t.item())
+                decided = _rank0_value(
+                    budget_probe.step(it + 1 - start_iter, it + 1), world, device
+                )
                 if decided:
                     iters_total = state["iters_total"] = decided
                     epochs_total = state["epochs_total"] = math.ceil(decided / iters_per_epoch)
@@ -557,10 +558,7 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
                 val_seconds,
                 time.time() - t_start - eval_seconds,
             )
-            if world > 1:  # every rank must follow rank 0's schedule
-                planned_t = torch.tensor([planned], device=device)
-                dist.broadcast(planned_t, 0)
-                planned = int(planned_t.item())
+            planned = _rank0_value(planned, world, device)
             if planned != iters_total and is_main:
                 print(f"time budget: {planned} iterations now fit (planned {iters_total})")
             iters_total = planned
@@ -599,6 +597,16 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+def _rank0_value(value: int, world: int, device) -> int:
+    """Rank 0's `value` on every rank (the schedule every rank must follow); `value` alone
+    without torchrun."""
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.broadcast(tensor, 0)
+    return int(tensor.item())
 
 
 def _learning_curve_point(model, val_set, cfg, device, state, mark, is_main, run_dir) -> float:

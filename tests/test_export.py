@@ -247,11 +247,9 @@ def test_knife_edges_counts_values_on_a_threshold():
 
 def test_a_difference_fails_unless_a_knife_edge_explains_it(tmp_path, monkeypatch):
     model, cfg = tiny_model("solov2")
-    export.export_onnx(model, cfg, CLASS_NAMES, tmp_path / "m.onnx")
-    runner = export.OnnxSOLO(tmp_path / "m.onnx")
-    model.head.keep_instance = runner.meta["max_instances"]
+    runner, problems, _, _ = export_and_check(model, cfg, tmp_path / "m.onnx")
+    assert problems == []
     _, images = export.check_samples(cfg, 2)
-    assert export.check_export(model, runner, images)[0] == []
     predict = runner.predict
 
     def off_by_one_percent(*args):
