@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,14 +110,25 @@ def test_a_time_budget_may_end_the_last_epoch_early(data_root, tmp_path, monkeyp
     assert last["lr"] == pytest.approx(main_train.lr_at(cfg, per_epoch + 1, 1, per_epoch + 2))
 
 
-def test_learning_curve_has_a_point_per_mark_and_one_at_the_end(data_root, tmp_path):
+def test_learning_curve_has_a_point_per_mark_and_one_at_the_end(data_root, tmp_path, monkeypatch):
+    evaluate = main_infer.evaluate_model
+
+    def slow_evaluate(*args, **kwargs):  # every evaluation takes 3 s more
+        time.sleep(3.0)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(main_infer, "evaluate_model", slow_evaluate)
     cfg = replace(TINY, epochs=1, eval_at_min=(0.0,), out=str(tmp_path / "run"))
+    t0 = time.time()
     metrics = main_train.train(cfg)
+    seconds = time.time() - t0
     with open(tmp_path / "run" / "learning_curve.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["iteration"]) for r in rows][0] == 1  # the 0-minute mark: after iteration 1
     assert len(rows) == 2 and float(rows[1]["mark_min"]) > 0
     assert float(rows[1]["AP"]) == pytest.approx(metrics["AP"])
+    # minutes without either evaluation (the csv rounds them to 0.01 min = 0.6 s)
+    assert float(rows[1]["mark_min"]) * 60 <= seconds - 6.0 + 0.6
     assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 0
 
 
