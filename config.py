@@ -105,6 +105,9 @@ class Config:
     cpu_bf16: bool = False  # bf16 autocast on the CPU
     channels_last: bool = False  # channels-last memory format
     num_workers: int = 2  # DataLoader workers
+    cache_data: bool = False  # keep the preprocessed training samples in memory after their
+    #                           first read (augmentation still runs on every read); with
+    #                           num_workers 0 only (workers would each fill their own copy)
     seed: int = 0  # torch / numpy / python seeds
     device: str = "auto"  # auto, cpu, cuda
     log_every: int = 20  # iterations between logged loss points
@@ -165,6 +168,9 @@ CPU = Config(
     time_budget_min=17.5,
     cpu_bf16=True,
     num_workers=0,
+    # Reading and preprocessing a sample (HDF5 decompression, resizing) took about 7 ms, 10 %
+    # of a training step; kept in memory it is read once (about 1.5 GB for 2,000 samples).
+    cache_data=True,
     cate_thresh=0.1,
     pre_nms_num=100,
     keep_instance=30,

@@ -18,6 +18,7 @@ Shape legend: B batch, N instances, H x W padded input.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -144,12 +145,16 @@ def build_data(cfg: Config):
         augment=augmentation(cfg),
         cis680_classes=cfg.cis680_classes,
     )
+    cache = cfg.cache_data and cfg.num_workers == 0
     if cfg.overfit:
         # The seeds' check before any long run: fit N training images, evaluate on them.
         # The N images are repeated to an epoch of about the full training set's length, so
         # the preset's epochs, schedule and time budget keep their meaning.
         val_set = train_set.subset(list(range(min(cfg.overfit, len(train_set)))))
-        train_set = Repeated(val_set, max(1, len(train_set) // len(val_set)))
+        times = max(1, len(train_set) // len(val_set))
+        train_set = Repeated(CachedSamples(val_set) if cache else val_set, times)
+    elif cache:
+        train_set = CachedSamples(train_set)
     return train_set, val_set
 
 
@@ -214,6 +219,32 @@ class BudgetProbe:
         per_epoch = elapsed / max(epochs_done, 1)
         fit = epochs_done + int((self.budget - elapsed) // per_epoch)
         return max(epochs_done, min(self.max_epochs, fit)) * self.iters_per_epoch
+
+
+class CachedSamples(torch.utils.data.Dataset):
+    """`dataset` with its preprocessed samples kept in memory after their first read.
+
+    The samples are cached before augmentation, which still runs on every read (with the same
+    random draws as without the cache, so a run gives the same numbers either way). Meant for
+    `num_workers=0`: a DataLoader worker would fill a copy of its own and lose it after the
+    epoch.
+    """
+
+    def __init__(self, dataset):
+        self.augment = getattr(dataset, "augment", None)
+        self.dataset = copy.copy(dataset)
+        self.dataset.augment = None
+        self.class_names = dataset.class_names
+        self._samples: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = self._samples.get(i)
+        if sample is None:
+            sample = self._samples[i] = self.dataset[i]
+        return self.augment(sample) if self.augment is not None else sample
 
 
 class Repeated(torch.utils.data.Dataset):

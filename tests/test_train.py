@@ -145,6 +145,37 @@ def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path):
     assert torch.load(path, weights_only=True)["a"].tolist() == [1.0, 1.0]
 
 
+def test_cached_samples_are_read_once_and_augmented_on_every_read(data_root, monkeypatch):
+    train_set, _ = main_train.build_data(replace(TINY, cache_data=False))
+    assert train_set.augment is not None
+    reads = []
+    plain_getitem = type(train_set).__getitem__
+
+    def counting_getitem(self, i):
+        reads.append(i)
+        return plain_getitem(self, i)
+
+    monkeypatch.setattr(type(train_set), "__getitem__", counting_getitem)
+    order = [0, 1, 0, 0, 1]
+    torch.manual_seed(0)
+    plain = [train_set[i] for i in order]
+    reads.clear()
+    cached = main_train.CachedSamples(train_set)
+    torch.manual_seed(0)
+    got = [cached[i] for i in order]
+    assert reads == [0, 1]  # each item decoded once
+    for (img, labels, masks, boxes, meta), want in zip(got, plain, strict=True):
+        # the augmentation ran on every read, with the draws of the uncached data set
+        assert meta["augment"] == want[4]["augment"]
+        assert torch.equal(img, want[0]) and torch.equal(labels, want[1])
+        assert torch.equal(masks, want[2]) and torch.equal(boxes, want[3])
+    assert {m["augment"]["hflip"] for *_, m in got} == {True, False}  # both kinds of read
+
+    assert isinstance(main_train.build_data(TINY)[0], main_train.CachedSamples)
+    with_workers = replace(TINY, num_workers=1)
+    assert not isinstance(main_train.build_data(with_workers)[0], main_train.CachedSamples)
+
+
 def test_two_iteration_smoke_then_resume_equals_uninterrupted(data_root, tmp_path):
     # Uninterrupted: 2 epochs. Interrupted: stop after epoch 1, resume from the run folder.
     full = replace(TINY, out=str(tmp_path / "full"))
