@@ -137,7 +137,8 @@ CPU = Config(
     num_images=2500,
     input_size=(192, 256),
     depth=18,
-    fpn_channels=128,
+    # FPN 64 channels (was 128): same AP after 500 iterations (0.075), epochs 20 % shorter.
+    fpn_channels=64,
     seg_feat_channels=64,
     stacked_convs=2,
     num_grids=(24, 20, 16, 12, 8),

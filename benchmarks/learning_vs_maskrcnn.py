@@ -8,11 +8,13 @@ the same COCOeval (`main_infer.score`) on the same held-out split, and one table
 both APs.
 
 - SOLO: `main_train.train(replace(preset("cpu"), time_budget_min=minutes, out=DIR/solo))`,
-  exactly the CPU preset (ResNet-18 FPN 128, 192 x 256, AdamW 1e-3, warm-up + cosine, bf16
-  autocast); its budget covers its data loading, epochs and per-epoch validation loss, and
-  it fixes its number of epochs after the first one (`main_train.train`).
-- Mask R-CNN: torchvision's `MaskRCNN` on the SAME ResNet-18 FPN 128 (`backbone.build_backbone
-  (18, 128)`: trainable batch norm, from scratch, P2..P6), num_classes 4 (with background),
+  exactly the CPU preset (SOLOv2, ResNet-18 FPN 64, 192 x 256, AdamW 2e-3, warm-up + cosine,
+  bf16 autocast); its budget covers its data loading, epochs and per-epoch validation loss,
+  and fixes the number of iterations as it goes (`main_train.BudgetProbe`).
+- Mask R-CNN: torchvision's `MaskRCNN` on the preset's ResNet-18 FPN (`backbone.build_backbone
+  (18, C)`: trainable batch norm, from scratch, P2..P6) with C = `--maskrcnn-fpn` channels,
+  default 128, the width its figures in the README were measured with (the preset's 64 is a
+  speed choice for SOLOv2's stride-4 mask branch), num_classes 4 (with background),
   min_size 192 / max_size 256 (the preset's input: its transform does not resize), ImageNet
   mean / std. Its inputs are the preset's batches converted: the normalised image
   de-normalised to [0, 1] and cropped to meta["input_size"], targets dict(boxes, labels, masks
@@ -24,7 +26,7 @@ both APs.
   * anchors scaled with the input, as the preset scales the hand-out's scale ranges by 0.24:
     sizes 8, 16, 32, 64, 128 on P2..P6, x 0.25 of torchvision's 32..512 (made for 800-pixel
     images; objects here are about 6 to 210 pixels);
-  * mask head 4 x 3x3 convs of 128 channels, the FPN width (torchvision's default is 256 for
+  * mask head 4 x 3x3 convs of 128 channels, its FPN width (torchvision's default is 256 for
     its 256-channel FPN; 128 is the same design at this backbone's width, 4x fewer FLOPs);
     `--maskrcnn-mask-head 256` restores the default;
   * AdamW lr `--maskrcnn-lr` (default 1e-3, the preset's; not tuned here: run a few values
@@ -161,7 +163,12 @@ class Autocast(nn.Module):
 
 
 def build_maskrcnn(
-    cfg: Config, num_classes: int, mask_width: int, device: torch.device, low_precision: bool
+    cfg: Config,
+    num_classes: int,
+    mask_width: int,
+    device: torch.device,
+    low_precision: bool,
+    fpn_channels: int = 128,
 ):
     """torchvision MaskRCNN on the preset's ResNet FPN, with the settings of the docstring."""
     from torchvision.models.detection import MaskRCNN
@@ -171,7 +178,7 @@ def build_maskrcnn(
     from backbone import build_backbone
     from dataset import IMAGENET_MEAN, IMAGENET_STD
 
-    body = build_backbone(depth=cfg.depth, out_channels=cfg.fpn_channels, norm="bn").net
+    body = build_backbone(depth=cfg.depth, out_channels=fpn_channels, norm="bn").net
     h, w = cfg.input_size
     model = MaskRCNN(
         body,
@@ -187,7 +194,7 @@ def build_maskrcnn(
         box_batch_size_per_image=BOX_BATCH,
         box_detections_per_img=cfg.keep_instance,
     )
-    model.roi_heads.mask_head = MaskRCNNHeads(cfg.fpn_channels, (mask_width,) * 4, 1)
+    model.roi_heads.mask_head = MaskRCNNHeads(fpn_channels, (mask_width,) * 4, 1)
     model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_width, mask_width, num_classes + 1)
     dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
     model.backbone = Autocast(model.backbone, dtype, device.type)
@@ -267,7 +274,9 @@ def train_maskrcnn(cfg: Config, args, out_dir: Path) -> dict:
     low_precision = args.maskrcnn_bf16 and (
         (device.type == "cpu" and cfg.cpu_bf16) or (device.type == "cuda" and cfg.amp)
     )
-    model = build_maskrcnn(cfg, num_classes, args.maskrcnn_mask_head, device, low_precision)
+    model = build_maskrcnn(
+        cfg, num_classes, args.maskrcnn_mask_head, device, low_precision, args.maskrcnn_fpn
+    )
     optimizer = build_optimizer(model, args.maskrcnn_lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and low_precision)
     mcfg = replace(cfg, batch_size=args.maskrcnn_batch)
@@ -421,9 +430,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--maskrcnn-lr", type=float, default=1e-3)
     parser.add_argument("--maskrcnn-batch", type=int, default=cpu.batch_size)
     parser.add_argument(
+        "--maskrcnn-fpn", type=int, default=128, help="Mask R-CNN's FPN channels (measured: 128)"
+    )
+    parser.add_argument(
         "--maskrcnn-mask-head",
         type=int,
-        default=cpu.fpn_channels,
+        default=128,
         help="channels of Mask R-CNN's 4 mask-head convs (torchvision: 256)",
     )
     parser.add_argument(
