@@ -428,7 +428,9 @@ def test_main_train_takes_the_folder_and_trains_on_it(labelme_folder, tmp_path):
     cfg = config_from_args(args)
     assert cfg.data == str(folder) and cfg.cis680_classes  # the preset's, ignored for LabelMe
     train_set, val_set = main_train.build_data(cfg)
-    assert isinstance(train_set, D.LabelMeDataset) and len(train_set) + len(val_set) == 4
+    assert isinstance(train_set, main_train.CachedSamples)  # the preset caches its samples
+    assert isinstance(train_set.dataset, D.LabelMeDataset)
+    assert len(train_set) + len(val_set) == 4
     assert train_set.class_names == ("cat", "dog", "person")
 
     # One epoch of a tiny model: the classes reach the checkpoint and AP is computed on the
