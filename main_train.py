@@ -146,6 +146,14 @@ def build_data(cfg: Config):
         cis680_classes=cfg.cis680_classes,
     )
     cache = cfg.cache_data and cfg.num_workers == 0
+    if cfg.cache_data and not cache:
+        import warnings
+
+        warnings.warn(
+            f"cache_data ignored with num_workers={cfg.num_workers}: each DataLoader worker "
+            "would fill a cache of its own and lose it after the epoch; use --num-workers 0",
+            stacklevel=2,
+        )
     if cfg.overfit:
         # The seeds' check before any long run: fit N training images, evaluate on them.
         # The N images are repeated to an epoch of about the full training set's length, so
@@ -227,7 +235,8 @@ class CachedSamples(torch.utils.data.Dataset):
     The samples are cached before augmentation, which still runs on every read (with the same
     random draws as without the cache, so a run gives the same numbers either way). Meant for
     `num_workers=0`: a DataLoader worker would fill a copy of its own and lose it after the
-    epoch.
+    epoch. Under torchrun every process fills its own cache, and as the distributed sampler
+    deals other samples every epoch, each ends up holding most of the training set.
     """
 
     def __init__(self, dataset):

@@ -173,7 +173,8 @@ def test_cached_samples_are_read_once_and_augmented_on_every_read(data_root, mon
 
     assert isinstance(main_train.build_data(TINY)[0], main_train.CachedSamples)
     with_workers = replace(TINY, num_workers=1)
-    assert not isinstance(main_train.build_data(with_workers)[0], main_train.CachedSamples)
+    with pytest.warns(UserWarning, match="cache_data ignored with num_workers=1"):
+        assert not isinstance(main_train.build_data(with_workers)[0], main_train.CachedSamples)
 
 
 def test_two_iteration_smoke_then_resume_equals_uninterrupted(data_root, tmp_path):
