@@ -66,7 +66,8 @@ class Config:
         (96, 384),
         (192, 768),
         (384, 2048),
-    )  # sqrt(w*h) in padded-input pixels per level (hand-out)
+    )  # sqrt(w*h) in padded-input pixels per level (hand-out); `--input-size` without
+    #    `--scale-ranges` scales them with the input (`scale_ranges_for`)
     num_grids: tuple[int, ...] = (40, 36, 24, 16, 12)  # S per level (hand-out)
     epsilon: float = 0.2  # centre-region scale (paper sec. 3.3.1, hand-out)
     mask_loss_weight: float = 3.0  # lambda in L = L_cate + lambda L_mask (paper, hand-out)
@@ -285,12 +286,40 @@ def config_from_args(args: argparse.Namespace) -> Config:
         elif isinstance(value, list):
             value = tuple(value)
         changes[f.name] = value
+    given = set(changes)
     # The picked model's own defaults, under the flags the user gave (MODEL_DEFAULTS).
     model = changes.get("model", base.model)
-    for name, value in MODEL_DEFAULTS.get(base.preset, {}).get(model, {}).items():
+    model_defaults = MODEL_DEFAULTS.get(base.preset, {}).get(model, {})
+    for name, value in model_defaults.items():
         changes.setdefault(name, value)
+    # Scale ranges are in input pixels: a new input size without new ranges takes the ranges
+    # of the input size they were made for, scaled with the short side.
+    if "input_size" in given and "scale_ranges" not in given:
+        made_for = model_defaults if "scale_ranges" in model_defaults else {}
+        changes["scale_ranges"] = scale_ranges_for(
+            changes.get("scale_ranges", base.scale_ranges),
+            made_for.get("input_size", base.input_size),
+            changes["input_size"],
+        )
     changes["preset"] = base.preset
     return validate(dataclasses.replace(base, **changes))
+
+
+def scale_ranges_for(
+    ranges: tuple[tuple[int, int], ...], made_for: tuple[int, int], size: tuple[int, int]
+) -> tuple[tuple[int, int], ...]:
+    """`ranges` (sqrt(w h) bounds in input pixels, made for input `made_for`) at input `size`:
+    both bounds times the ratio of the short sides; a lower bound of 1 (the finest level
+    takes every small object) stays 1.
+
+    >>> scale_ranges_for(((1, 24), (12, 48), (96, 2048)), (192, 256), (384, 512))
+    ((1, 48), (24, 96), (192, 4096))
+    """
+    factor = min(size) / min(made_for)
+    return tuple(
+        (lo if lo <= 1 else max(1, round(lo * factor)), max(1, round(hi * factor)))
+        for lo, hi in ranges
+    )
 
 
 def validate(cfg: Config) -> Config:

@@ -12,6 +12,7 @@ from config import (
     config_from_args,
     config_from_dict,
     config_to_dict,
+    scale_ranges_for,
 )
 
 
@@ -40,6 +41,25 @@ def test_flags_override_the_preset_and_keep_the_rest():
 def test_scale_range_pairs_parse():
     cfg = parse(["--preset", "cis680", "--scale-ranges", "1,9", "5,20", "10,40", "20,80", "40,999"])
     assert cfg.scale_ranges == ((1, 9), (5, 20), (10, 40), (20, 80), (40, 999))
+
+
+def test_scale_ranges_follow_a_new_input_size_unless_given():
+    # the ranges are in input pixels: twice the input side, twice the ranges
+    doubled = ((1, 48), (24, 96), (48, 192), (96, 384), (192, 4096))
+    assert parse(["--preset", "cpu", "--input-size", "384", "512"]).scale_ranges == doubled
+    assert scale_ranges_for(CPU.scale_ranges, (192, 256), (384, 512)) == doubled
+    # the hand-out's ranges belong to 800 x 1066; at 192 x 256 they are x 0.24 (the CPU
+    # preset rounds these to 24, 48, 96, 192 and leaves the coarsest level open at 2048)
+    assert scale_ranges_for(CIS680.scale_ranges, (800, 1066), (192, 256)) == (
+        (1, 23), (12, 46), (23, 92), (46, 184), (92, 492)
+    )  # fmt: skip
+    given = parse(["--preset", "cpu", "--input-size", "384", "512", "--scale-ranges", "1,9",
+                   "5,20", "10,40", "20,80", "40,999"])  # fmt: skip
+    assert given.scale_ranges == ((1, 9), (5, 20), (10, 40), (20, 80), (40, 999))
+    assert parse(["--preset", "cpu"]).scale_ranges == CPU.scale_ranges
+    # a light model's ranges are made for its own 448 input: 896 doubles them
+    light = parse(["--preset", "cis680", "--model", "solov2_light", "--input-size", "896", "1194"])
+    assert light.scale_ranges == ((1, 112), (56, 224), (112, 448), (224, 896), (448, 1792))
 
 
 def test_inconsistent_levels_are_refused():
