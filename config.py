@@ -295,12 +295,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # Scale ranges are in input pixels: a new input size without new ranges takes the ranges
     # of the input size they were made for, scaled with the short side.
     if "input_size" in given and "scale_ranges" not in given:
-        made_for = model_defaults if "scale_ranges" in model_defaults else {}
-        changes["scale_ranges"] = scale_ranges_for(
-            changes.get("scale_ranges", base.scale_ranges),
-            made_for.get("input_size", base.input_size),
-            changes["input_size"],
-        )
+        if "scale_ranges" in model_defaults:  # the model's ranges, made for its input
+            ranges = model_defaults["scale_ranges"]
+            made_for = model_defaults.get("input_size", base.input_size)
+        else:
+            ranges, made_for = base.scale_ranges, base.input_size
+        changes["scale_ranges"] = scale_ranges_for(ranges, made_for, changes["input_size"])
     changes["preset"] = base.preset
     return validate(dataclasses.replace(base, **changes))
 

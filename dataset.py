@@ -1502,6 +1502,14 @@ def open_dataset(
     return BuildDataset(data, size=size, pad_to=pad_to)
 
 
+def without_augment(dataset):
+    """A shallow copy of `dataset` (any of this module's data sets) that reads its samples
+    without augmentation; the files are not read again."""
+    plain = copy.copy(dataset)
+    plain.augment = None
+    return plain
+
+
 def build_datasets(
     data: str | Path,
     coco_images: str | Path | None = None,

@@ -125,18 +125,12 @@ def score(dataset, detections: list[dict]) -> dict:
 def evaluate_model(model, dataset, cfg: Config, device, batch_size: int | None = None) -> dict:
     """COCO mask AP/AP50/AP75/APs/APm/APl of `model` on `dataset` (no augmentation)."""
     if getattr(dataset, "augment", None) is not None:
-        dataset = _without_augment(dataset)
+        from dataset import without_augment
+
+        dataset = without_augment(dataset)
     loader = _loader(dataset, batch_size or cfg.batch_size)
     predictions = predict_batches(model, loader, device)
     return score(dataset, detections_of(predictions, dataset))
-
-
-def _without_augment(dataset):
-    import copy
-
-    plain = copy.copy(dataset)
-    plain.augment = None
-    return plain
 
 
 def detections_of(predictions, dataset=None) -> list[dict]:
@@ -293,8 +287,10 @@ def main(argv: list[str] | None = None):
     else:
         if args.data:
             cfg = replace(cfg, data=args.data)
+        from dataset import without_augment
+
         _, data = build_data(cfg)
-        data = _without_augment(data)
+        data = without_augment(data)
 
         def source(i):
             return torch.as_tensor(data.raw(i)[0])

@@ -18,7 +18,6 @@ Shape legend: B batch, N instances, H x W padded input.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -240,9 +239,10 @@ class CachedSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset):
+        import dataset as ds
+
         self.augment = getattr(dataset, "augment", None)
-        self.dataset = copy.copy(dataset)
-        self.dataset.augment = None
+        self.dataset = ds.without_augment(dataset)
         self.class_names = dataset.class_names
         self._samples: dict[int, tuple] = {}
 
