@@ -40,8 +40,18 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 # config
 # --------------------------------------------------------------------------------------------
 
-# ResNet depth -> (torchvision builder, ImageNet weights enum entry).
-RESNETS: dict[int, tuple[Callable[..., resnet.ResNet], resnet.WeightsEnum]] = {
+
+def resnet10(*, weights: None = None, **kwargs) -> resnet.ResNet:
+    """ResNet-10: ResNet-18's stem and stages with one basic block per stage instead of two
+    (torchvision has no ImageNet weights for it)."""
+    if weights is not None:
+        raise ValueError("torchvision has no ImageNet weights for ResNet-10")
+    return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
+
+
+# ResNet depth -> (torchvision builder, ImageNet weights enum entry or None).
+RESNETS: dict[int, tuple[Callable[..., resnet.ResNet], resnet.WeightsEnum | None]] = {
+    10: (resnet10, None),
     18: (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
     34: (resnet.resnet34, resnet.ResNet34_Weights.IMAGENET1K_V1),
     50: (resnet.resnet50, resnet.ResNet50_Weights.IMAGENET1K_V1),
@@ -74,6 +84,11 @@ def imagenet_state_dict(depth: int) -> dict[str, torch.Tensor]:
     reached (no network, as on this project's test machines).
     """
     weights = RESNETS[depth][1]
+    if weights is None:
+        raise RuntimeError(
+            f"torchvision has no ImageNet weights for ResNet-{depth}; pass a local file with "
+            "--backbone-weights PATH, or train from scratch without --backbone-weights"
+        )
     try:
         return weights.get_state_dict(progress=True)
     except (OSError, RuntimeError, ValueError) as err:  # URLError is an OSError
@@ -117,6 +132,29 @@ def load_resnet_weights(body: resnet.ResNet, state: dict[str, torch.Tensor], sou
         )
 
 
+def set_width(body: resnet.ResNet, width: int) -> resnet.ResNet:
+    """Rebuild `body`'s stem and four stages `width` x (1, 2, 4, 8) channels wide instead of
+    torchvision's 64 x (1, 2, 4, 8), same blocks and depth, freshly initialised as torchvision
+    does (kaiming-normal convs, norm weight 1 and bias 0). From scratch only."""
+    block = type(body.layer1[0])
+    norm_layer = body._norm_layer
+    body.inplanes = width
+    body.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    body.bn1 = norm_layer(width)
+    for k in range(4):
+        stage = getattr(body, f"layer{k + 1}")
+        layer = body._make_layer(block, width * 2**k, len(stage), stride=1 if k == 0 else 2)
+        setattr(body, f"layer{k + 1}", layer)
+    body.fc = nn.Linear(width * 8 * block.expansion, body.fc.out_features)
+    for m in body.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    return body
+
+
 def freeze_layers(body: resnet.ResNet, trainable_layers: int) -> None:
     """Freeze all but the last `trainable_layers` of conv1(+bn1), layer1..layer4 (0..5)."""
     if not 0 <= trainable_layers <= 5:
@@ -138,7 +176,9 @@ def freeze_layers(body: resnet.ResNet, trainable_layers: int) -> None:
 class Backbone(nn.Module):
     """ResNet body + FPN; `forward(images (B,3,H,W)) -> [P2..P6]`, P_l (B, out_channels, ...)."""
 
-    def __init__(self, body_with_fpn: BackboneWithFPN, depth: int, norm: str, weights: str):
+    def __init__(
+        self, body_with_fpn: BackboneWithFPN, depth: int, norm: str, weights: str, width: int
+    ):
         super().__init__()
         self.net = body_with_fpn
         self.out_channels = body_with_fpn.out_channels
@@ -146,6 +186,7 @@ class Backbone(nn.Module):
         self.depth = depth
         self.norm = norm
         self.weights = weights
+        self.width = width
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B,3,H,W) -> [P2 (B,F,H/4,W/4), P3 .../8, P4 .../16, P5 .../32, P6 .../64]."""
@@ -153,7 +194,7 @@ class Backbone(nn.Module):
         return list(feats.values())
 
     def extra_repr(self) -> str:
-        return f"depth={self.depth}, norm={self.norm}, weights={self.weights}"
+        return f"depth={self.depth}, width={self.width}, norm={self.norm}, weights={self.weights}"
 
 
 def build_backbone(
@@ -162,6 +203,7 @@ def build_backbone(
     weights: str | Path | None = None,
     norm: str = "auto",
     trainable_layers: int | None = None,
+    width: int = 64,
 ) -> Backbone:
     """ResNet-`depth` + FPN with `out_channels` channels and outputs P2..P6 (strides 4..64).
 
@@ -170,6 +212,8 @@ def build_backbone(
     trainable_layers: ResNet stages that train, 0..5; default 3 with weights (torchvision's
     detection default) and 5 without. From scratch every layer trains whatever is asked: a
     frozen random layer is useless, so a smaller number is overridden with a warning.
+    width: channels of the stem and the first stage (torchvision: 64); the stages double it.
+    Other widths train from scratch only.
     """
     if depth not in RESNETS:
         raise ValueError(f"backbone depth must be one of {sorted(RESNETS)}, got {depth}")
@@ -177,6 +221,14 @@ def build_backbone(
         raise ValueError(f"backbone norm must be one of {NORMS}, got {norm!r}")
     weights = str(weights) if weights else None
     pretrained = weights is not None
+    if width < 8 or width % 8:
+        raise ValueError(f"backbone width must be a positive multiple of 8, got {width}")
+    if width != 64 and pretrained:
+        raise ValueError(
+            f"backbone width {width} cannot take pretrained weights (made for width 64)"
+        )
+    if norm == "gn" and width % GN_GROUPS:
+        raise ValueError(f"backbone norm 'gn' needs a width divisible by {GN_GROUPS}, got {width}")
     if norm == "auto":
         norm = "frozen_bn" if pretrained else "bn"
     if norm == "gn" and pretrained:
@@ -198,20 +250,22 @@ def build_backbone(
 
     builder = RESNETS[depth][0]
     body = builder(weights=None, norm_layer=norm_layer_for(norm))
+    if width != 64:
+        set_width(body, width)
     if weights == "imagenet":
         load_resnet_weights(body, imagenet_state_dict(depth), f"ImageNet ResNet-{depth}")
     elif weights is not None:
         load_resnet_weights(body, load_state_dict_file(weights), f"file {weights}")
     freeze_layers(body, trainable_layers)
 
-    # Channels of layer1..layer4: 64, 128, 256, 512 times the block expansion (1 or 4).
+    # Channels of layer1..layer4: 64, 128, 256, 512 (x width / 64) times the block expansion.
     expansion = type(body.layer1[-1]).expansion
-    in_channels_list = [64 * expansion * 2**i for i in range(4)]
+    in_channels_list = [width * expansion * 2**i for i in range(4)]
     return_layers = {f"layer{k}": str(k - 1) for k in range(1, 5)}
     fpn = BackboneWithFPN(
         body, return_layers, in_channels_list, out_channels, extra_blocks=LastLevelMaxPool()
     )
-    return Backbone(fpn, depth=depth, norm=norm, weights=weights or "none")
+    return Backbone(fpn, depth=depth, norm=norm, weights=weights or "none", width=width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,13 +276,16 @@ def build_backbone(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depth", type=int, default=50, choices=sorted(RESNETS))
+    parser.add_argument("--width", type=int, default=64, help="stem and first-stage channels")
     parser.add_argument("--fpn-channels", type=int, default=256)
     parser.add_argument("--backbone-weights", default="", help='"", "imagenet" or a file')
     parser.add_argument("--norm", default="auto", choices=NORMS)
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1088), metavar=("H", "W"))
     args = parser.parse_args(argv)
     try:
-        model = build_backbone(args.depth, args.fpn_channels, args.backbone_weights, args.norm)
+        model = build_backbone(
+            args.depth, args.fpn_channels, args.backbone_weights, args.norm, width=args.width
+        )
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     model.eval()

@@ -51,7 +51,9 @@ class Config:
     # --- model ---
     model: str = "solo"  # one of MODELS: solo, decoupled_solo, solov2, decoupled_solo_light,
     #                      solov2_light; `--model` also applies MODEL_DEFAULTS (see there)
-    depth: int = 50  # ResNet depth: 18, 34, 50, 101
+    depth: int = 50  # ResNet depth: 10, 18, 34, 50, 101 (10: one block per stage, no weights)
+    backbone_width: int = 64  # ResNet stem / first-stage channels, doubled per stage
+    #                           (torchvision: 64; other widths train from scratch only)
     fpn_channels: int = 256  # FPN output channels (hand-out: 256)
     backbone_weights: str = ""  # "", "imagenet" (torchvision hub) or a local state-dict file
     norm: str = "auto"  # backbone norm: auto (frozen BN with weights, trainable BN without),
@@ -100,6 +102,7 @@ class Config:
     lr_steps: tuple[int, ...] = (27, 33)  # epochs where the step schedule divides lr by 10
     warmup_iters: int = 500  # linear warm-up over this many iterations (authors: 500)
     warmup_ratio: float = 1.0 / 3.0  # warm-up starts at lr x this (authors' SGD: 1/3)
+    kernel_lr_mult: float = 1.0  # SOLOv2: lr multiplier of the dynamic-kernel output conv
     grad_clip: float = 35.0  # max gradient norm (authors); 0 disables
     time_budget_min: float = 0.0  # >0: stop training after this many minutes (CPU preset)
     amp: bool = True  # mixed precision: fp16 on CUDA; bf16 autocast on CPU if cpu_bf16

@@ -273,17 +273,29 @@ class Repeated(torch.utils.data.Dataset):
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     # No weight decay on norm layers and biases (standard for both SGD and AdamW recipes).
-    decay, no_decay = [], []
-    for p in model.parameters():
+    # SOLOv2's dynamic-kernel output conv may take a smaller learning rate (`kernel_lr_mult`):
+    # each mask logit sums E kernel weights times non-negative features, so Adam's
+    # equal-sized steps on every weight move the logits E times faster than one weight.
+    by_kind: dict[tuple[bool, float], list] = {}  # (decayed, lr multiplier) -> parameters
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            mult = cfg.kernel_lr_mult if ".kernel_out." in f".{name}" else 1.0
+            by_kind.setdefault((p.ndim > 1, mult), []).append(p)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
+        for (decay, mult), params in by_kind.items()
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    # The fused kernel: one pass over all parameters instead of a loop of small tensor ops
+    # (measured on the CPU preset: the optimiser step 25 -> 13 ms, 4 % of a training step).
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled lr on every group, times the group's `lr_mult` (see `build_optimizer`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,8 +546,7 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
             if it >= iters_total:
                 break
             lr = lr_at(cfg, it, epoch, iters_total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             with _autocast(cfg, device):
                 losses = net(imgs, labels, masks, boxes)
             values = {k: float(losses[k].detach()) for k in LOSS_KEYS}

@@ -81,6 +81,7 @@ def build_model(cfg: Config, num_classes: int) -> SOLOModel:
         out_channels=cfg.fpn_channels,
         weights=cfg.backbone_weights or None,
         norm=cfg.norm,
+        width=cfg.backbone_width,
     )
     return SOLOModel(backbone, head)
 

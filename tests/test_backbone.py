@@ -105,6 +105,44 @@ def test_weights_of_another_depth_are_refused(weights_file):
         build_backbone(depth=18, weights=path, norm="gn")
 
 
+def test_resnet10_and_narrow_widths_keep_the_pyramid():
+    """ResNet-10 has one basic block per stage; width w makes stages w, 2w, 4w, 8w wide."""
+    torch.manual_seed(0)
+    cases = [(10, 64, [64, 128, 256, 512]), (18, 32, [32, 64, 128, 256]), (10, 48, [48, 96])]
+    for depth, width, stage_channels in cases:
+        model = build_backbone(depth=depth, out_channels=16, width=width).eval()
+        body = model.net.body
+        blocks = [len(getattr(body, f"layer{k}")) for k in range(1, 5)]
+        assert blocks == ([1, 1, 1, 1] if depth == 10 else [2, 2, 2, 2])
+        assert body.conv1.out_channels == width
+        for k, channels in enumerate(stage_channels, start=1):
+            assert getattr(body, f"layer{k}")[-1].conv2.out_channels == channels
+        with torch.no_grad():
+            feats = model(torch.randn(1, 3, 128, 192))
+        assert [f.shape[-2:] for f in feats] == [(128 // s, 192 // s) for s in FPN_STRIDES]
+        assert norm_types(model) == {nn.BatchNorm2d}
+        # freshly initialised as torchvision does: every norm at weight 1, bias 0
+        assert all(
+            bool((m.weight == 1).all()) for m in body.modules() if isinstance(m, nn.BatchNorm2d)
+        )
+    narrow18 = build_backbone(depth=18, out_channels=16, width=32)
+    full18 = build_backbone(depth=18, out_channels=16)
+    count = lambda m: sum(p.numel() for p in m.net.body.parameters())  # noqa: E731
+    assert count(narrow18) < count(full18) / 3  # convolution weights scale with width^2
+
+
+def test_resnet10_and_narrow_widths_refuse_pretrained_weights(weights_file):
+    path, _ = weights_file
+    with pytest.raises(RuntimeError, match="no ImageNet weights for ResNet-10"):
+        build_backbone(depth=10, weights="imagenet")
+    with pytest.raises(ValueError, match="width 32 cannot take pretrained weights"):
+        build_backbone(depth=18, weights=path, width=32)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        build_backbone(depth=18, width=20)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        build_backbone(depth=18, width=48, norm="gn")
+
+
 def test_unreachable_hub_says_how_to_pass_a_file(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")

@@ -71,6 +71,30 @@ def test_lr_schedule_warmup_steps_and_cosine():
     assert main_train.lr_at(cos, 100, 0, 100) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_kernel_lr_mult_gives_solov2_kernel_output_its_own_learning_rate():
+    from model import build_model
+
+    cfg = replace(TINY, model="solov2", kernel_channels=8, mask_feat_channels=8, lr=0.01)
+    model = build_model(cfg, num_classes=3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = main_train.build_optimizer(cfg, model)
+    assert [(g["weight_decay"], g["lr_mult"]) for g in plain.param_groups] == [
+        (cfg.weight_decay, 1.0),
+        (0.0, 1.0),
+    ]
+    optimizer = main_train.build_optimizer(replace(cfg, kernel_lr_mult=0.25), model)
+    seen = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values())  # every parameter once
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            in_kernel_out = ".kernel_out." in "." + names[id(p)]
+            assert group["lr_mult"] == (0.25 if in_kernel_out else 1.0)
+            assert group["weight_decay"] == (cfg.weight_decay if p.ndim > 1 else 0.0)
+    assert sum(g["lr_mult"] == 0.25 for g in optimizer.param_groups) == 2  # weight, bias
+    main_train.set_lr(optimizer, 0.004)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([0.001, 0.004])
+
+
 def test_budget_probe_fits_iterations_to_the_time_left():
     cfg = replace(CPU, time_budget_min=1.0, epochs=12)  # 60 s
     probe = main_train.BudgetProbe(cfg, t_start=0.0, iters_per_epoch=10, val_batches=3)
