@@ -8,13 +8,14 @@ the same COCOeval (`main_infer.score`) on the same held-out split, and one table
 both APs.
 
 - SOLO: `main_train.train(replace(preset("cpu"), time_budget_min=minutes, out=DIR/solo))`,
-  exactly the CPU preset (SOLOv2, ResNet-18 FPN 64, 192 x 256, AdamW 2e-3, warm-up + cosine,
-  bf16 autocast); its budget covers its data loading, epochs and per-epoch validation loss,
-  and fixes the number of iterations as it goes (`main_train.BudgetProbe`).
-- Mask R-CNN: torchvision's `MaskRCNN` on the preset's ResNet-18 FPN (`backbone.build_backbone
-  (18, C)`: trainable batch norm, from scratch, P2..P6) with C = `--maskrcnn-fpn` channels,
-  default 128, the width its figures in the README were measured with (the preset's 64 is a
-  speed choice for SOLOv2's stride-4 mask branch), num_classes 4 (with background),
+  exactly the CPU preset (SOLOv2, ResNet-18 of width 32 with FPN 64, 192 x 256, AdamW 2e-3,
+  warm-up + cosine, bf16 autocast); its budget covers its data loading, epochs and per-epoch
+  validation loss, and fixes the number of iterations as it goes (`main_train.BudgetProbe`).
+- Mask R-CNN: torchvision's `MaskRCNN` on a ResNet-18 FPN (`backbone.build_backbone(18, C,
+  width=W)`: trainable batch norm, from scratch, P2..P6) with C = `--maskrcnn-fpn` channels,
+  default 128, and W = `--maskrcnn-width`, default torchvision's 64: the widths its figures in
+  the README were measured with (the preset's FPN 64 and ResNet width 32 are speed choices
+  measured for SOLOv2), num_classes 4 (with background),
   min_size 192 / max_size 256 (the preset's input: its transform does not resize), ImageNet
   mean / std. Its inputs are the preset's batches converted: the normalised image
   de-normalised to [0, 1] and cropped to meta["input_size"], targets dict(boxes, labels, masks
@@ -169,8 +170,10 @@ def build_maskrcnn(
     device: torch.device,
     low_precision: bool,
     fpn_channels: int = 128,
+    backbone_width: int = 64,
 ):
-    """torchvision MaskRCNN on the preset's ResNet FPN, with the settings of the docstring."""
+    """torchvision MaskRCNN on a ResNet FPN of the preset's depth, with the settings of the
+    docstring."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -178,7 +181,9 @@ def build_maskrcnn(
     from backbone import build_backbone
     from dataset import IMAGENET_MEAN, IMAGENET_STD
 
-    body = build_backbone(depth=cfg.depth, out_channels=fpn_channels, norm="bn").net
+    body = build_backbone(
+        depth=cfg.depth, out_channels=fpn_channels, norm="bn", width=backbone_width
+    ).net
     h, w = cfg.input_size
     model = MaskRCNN(
         body,
@@ -275,7 +280,13 @@ def train_maskrcnn(cfg: Config, args, out_dir: Path) -> dict:
         (device.type == "cpu" and cfg.cpu_bf16) or (device.type == "cuda" and cfg.amp)
     )
     model = build_maskrcnn(
-        cfg, num_classes, args.maskrcnn_mask_head, device, low_precision, args.maskrcnn_fpn
+        cfg,
+        num_classes,
+        args.maskrcnn_mask_head,
+        device,
+        low_precision,
+        args.maskrcnn_fpn,
+        args.maskrcnn_width,
     )
     optimizer = build_optimizer(model, args.maskrcnn_lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and low_precision)
@@ -431,6 +442,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--maskrcnn-batch", type=int, default=cpu.batch_size)
     parser.add_argument(
         "--maskrcnn-fpn", type=int, default=128, help="Mask R-CNN's FPN channels (measured: 128)"
+    )
+    parser.add_argument(
+        "--maskrcnn-width",
+        type=int,
+        default=64,
+        help="Mask R-CNN's ResNet stem / first-stage channels (measured: torchvision's 64)",
     )
     parser.add_argument(
         "--maskrcnn-mask-head",
