@@ -12,7 +12,9 @@ ins_thresh, the small-mask filter, maskness, the top pre_nms_num, Matrix NMS (th
 `postprocess.matrix_nms_decay_sorted`, the function the PyTorch path calls), update_thresh and
 the top `max_instances`. Its outputs, padded to K = max_instances rows (real rows first):
 
-    masks           (K, Hf, Wf) float32  soft masks (probabilities) at the mask-feature size
+    masks           (K, Hf, Wf) float32  soft masks (probabilities) at the mask-feature size;
+                                         logits for SOLOv2 with mask_loss_stride < 4
+                                         (metadata "mask_values")
     scores          (K,) float32         decreasing; 0 on padding rows
     labels          (K,) int64           class ids 1..C; 0 on padding rows
     count           () int64             how many rows are real
@@ -147,11 +149,13 @@ def finish_outputs(
     Args:
         outputs: the graph's outputs by name (`OUTPUT_NAMES`).
         input_size: (h, w) before padding; padded_size: (H, W); orig_size: (h0, w0).
+        ins_thresh: the threshold on the "masks" output: the head's ins_thresh, or its logit
+            when the graph gives logits (`OnnxSOLO.mask_threshold`, metadata "mask_values").
     Returns:
         dict(masks (k, h0, w0) uint8, labels (k,) int64, scores (k,) float32), decreasing scores.
     """
     count = int(outputs["count"])
-    probs = np.asarray(outputs["masks"][:count], dtype=np.float32)  # (k, Hf, Wf)
+    probs = np.asarray(outputs["masks"][:count], dtype=np.float32)  # (k, Hf, Wf) (or logits)
     _, Hf, Wf = probs.shape
     (h, w), (H, W), (h0, w0) = input_size, padded_size, orig_size
     rows = bilinear_matrix(h, h0) @ bilinear_matrix(Hf, H)[:h]  # (h0, Hf): up, crop, resize
@@ -308,6 +312,11 @@ class InferenceGraph(nn.Module):
         self.max_candidates = min(int(max_candidates), self.num_entries)  # M
         self.nms_slots = min(int(head.pre_NMS_num), self.max_candidates)  # P
         self.max_instances = min(int(max_instances), self.nms_slots)  # K
+        # SOLOv2 trained with an upsampled mask loss gives its kept masks as logits, which the
+        # finishing resizes as `postprocess.finish_single` does with mask_logits.
+        self.mask_values = (
+            "logits" if self.kind == "solov2" and head.mask_loss_stride < MASK_STRIDE else "probs"
+        )
         # Per cell (numbered level by level, row-major, as the PyTorch path numbers them): its
         # level, its level's stride, and (Decoupled SOLO) its X and Y channels in the levels'
         # concatenated X and Y maps: cell (i, j) of a level uses X_j and Y_i.
@@ -324,22 +333,27 @@ class InferenceGraph(nn.Module):
         self.register_buffer("cell_x", offsets[level] + local % S_of, persistent=False)
         self.register_buffer("cell_y", offsets[level] + local // S_of, persistent=False)
 
+    def candidate_logits(self, preds: tuple, cell: Tensor) -> Tensor:
+        """SOLOv2: mask logits (M, Hf, Wf) of the cells `cell` (M,) from the head's eval outputs
+        (kernel rows times the mask features, as `dynamic_mask_logits`)."""
+        _, lvl_kernels, mask_feat = preds  # per level (1, E, S, S); (1, E, Hf, Wf)
+        _, E, Hf, Wf = mask_feat.shape
+        # per level (E, S, S) -> (S*S, E), then all levels: (cells, E)
+        kernels = torch.cat([k[0].permute(1, 2, 0).reshape(-1, E) for k in lvl_kernels])
+        logits = kernels[cell] @ mask_feat[0].reshape(E, Hf * Wf)  # (M, Hf*Wf)
+        return logits.reshape(cell.shape[0], Hf, Wf)
+
     def candidate_masks(self, preds: tuple, cell: Tensor) -> Tensor:
         """Soft masks (M, Hf, Wf) of the cells `cell` (M,) from the head's eval outputs."""
         head = self.model.head
         M = cell.shape[0]
+        if self.kind == "solov2":
+            return torch.sigmoid(self.candidate_logits(preds, cell))
         if self.kind == "decoupled":
             _, lvl_x, lvl_y = preds  # per level (1, S, Hf, Wf) probabilities
             x_all = torch.cat([x[0] for x in lvl_x])  # (sum S, Hf, Wf)
             y_all = torch.cat([y[0] for y in lvl_y])
             return x_all[self.cell_x[cell]] * y_all[self.cell_y[cell]]  # as decoupled_masks
-        if self.kind == "solov2":
-            _, lvl_kernels, mask_feat = preds  # per level (1, E, S, S); (1, E, Hf, Wf)
-            _, E, Hf, Wf = mask_feat.shape
-            # per level (E, S, S) -> (S*S, E), then all levels: (cells, E)
-            kernels = torch.cat([k[0].permute(1, 2, 0).reshape(-1, E) for k in lvl_kernels])
-            logits = kernels[cell] @ mask_feat[0].reshape(E, Hf * Wf)  # (M, Hf*Wf)
-            return torch.sigmoid(logits).reshape(M, Hf, Wf)
         # SOLO: row `cell` of its level's 1x1 output conv on that level's mask features. One
         # product over the levels' stacked features, the other levels' weights zeroed: L times
         # the work of the PyTorch path's per-level products, in one static-shape MatMul.
@@ -377,7 +391,11 @@ class InferenceGraph(nn.Module):
         cell, labels = entries // C, entries % C + 1
         passed = cand_scores > head.cate_thresh
 
-        probs = self.candidate_masks(preds, cell)  # (M, Hf, Wf)
+        if self.mask_values == "logits":
+            logits = self.candidate_logits(preds, cell)  # (M, Hf, Wf)
+            probs = torch.sigmoid(logits)
+        else:
+            probs = self.candidate_masks(preds, cell)  # (M, Hf, Wf)
         binary = probs > head.ins_thresh
         area = binary.sum(dim=(1, 2)).to(probs.dtype)  # (M,)
         keep = passed & (area > 0)
@@ -401,7 +419,8 @@ class InferenceGraph(nn.Module):
         out_scores, out_rows = torch.where(final_keep, decayed, -1.0).topk(self.max_instances)
         out_keep = final_keep[out_rows]  # (K,), the real rows first
         rows = nms_rows[out_rows]  # rows of the M candidates
-        masks = probs[rows] * out_keep[:, None, None].to(probs.dtype)  # (K, Hf, Wf)
+        soft = logits if self.mask_values == "logits" else probs
+        masks = soft[rows] * out_keep[:, None, None].to(soft.dtype)  # (K, Hf, Wf)
         out_scores = torch.where(out_keep, out_scores, 0.0)
         out_labels = torch.where(out_keep, labels[rows], 0)
         return masks, out_scores, out_labels, out_keep.sum(), num_candidates, exact
@@ -445,6 +464,17 @@ class OnnxSOLO:
         self.class_names = tuple(self.meta["class_names"])
         self.frame = tuple(self.meta["input_hw"])  # (H, W)
         self.ins_thresh = float(self.meta["ins_thresh"])
+        # What the "masks" output holds (exports before this key: probabilities) and so the
+        # threshold the finishing applies to it.
+        self.mask_values = self.meta.get("mask_values", "probs")
+        if self.mask_values not in ("probs", "logits"):
+            raise ValueError(
+                f"{self.path}: metadata mask_values must be 'probs' or 'logits', got "
+                f"{self.mask_values!r}"
+            )
+        self.mask_threshold = (
+            postprocess.logit(self.ins_thresh) if self.mask_values == "logits" else self.ins_thresh
+        )
         self.max_candidates = int(self.meta["max_candidates"])
 
     def run(self, x) -> dict[str, np.ndarray]:
@@ -457,7 +487,7 @@ class OnnxSOLO:
         x, meta = graph_input(img, meta, self.frame, self.cfg.pad_to, raw_image)
         outputs = self.run(x)
         result = finish_outputs(
-            outputs, meta["input_size"], self.frame, meta["orig_size"], self.ins_thresh
+            outputs, meta["input_size"], self.frame, meta["orig_size"], self.mask_threshold
         )
         return meta, {k: torch.from_numpy(v) for k, v in result.items()}, outputs
 
@@ -529,6 +559,7 @@ def export_onnx(
         "std": list(IMAGENET_STD),
         "cate_thresh": head.cate_thresh,
         "ins_thresh": head.ins_thresh,
+        "mask_values": graph.mask_values,
         "update_thresh": head.update_thresh,
         "pre_nms_num": head.pre_NMS_num,
         "nms_kernel": head.nms_kernel,

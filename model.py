@@ -122,4 +122,5 @@ def build_head(cfg: Config, num_classes: int) -> nn.Module:
         **common,
         kernel_channels=cfg.kernel_channels,
         mask_feat_channels=cfg.mask_feat_channels,
+        mask_loss_stride=cfg.mask_loss_stride,
     )

@@ -22,6 +22,8 @@ Shape legend:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -191,6 +193,13 @@ def select_candidates(cate_scores: Tensor, cate_thresh: float) -> tuple[Tensor, 
     return cell_idx, class_idx + 1, cate_scores[cell_idx, class_idx]
 
 
+def logit(p: float) -> float:
+    """log(p / (1 - p)): the logit threshold equivalent to probability threshold p."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"logit: p must lie strictly between 0 and 1, got {p!r}")
+    return math.log(p / (1.0 - p))
+
+
 def _empty_result(orig_size: tuple[int, int], device: torch.device) -> dict[str, Tensor]:
     """(0, h0, w0) uint8 masks, (0,) int64 labels, (0,) float32 scores."""
     h0, w0 = orig_size
@@ -231,7 +240,8 @@ def resize_masks(
     masks, 200x272 -> 800x1088 -> 300x400, 2 threads). Done `chunk` masks at a time.
 
     Args:
-        mask_probs: (k, h4, w4) soft masks in [0, 1].
+        mask_probs: (k, h4, w4) soft masks in [0, 1], or their logits with `ins_thresh` a
+            logit threshold (`finish_single`'s mask_logits).
         padded_size: (H, W); input_size: (h, w) <= (H, W); orig_size: (h0, w0).
     Returns:
         (k, h0, w0) uint8 masks in {0, 1}.
@@ -262,6 +272,7 @@ def finish_single(
     orig_size: tuple[int, int] | None = None,
     update_thresh: float = 0.0,
     strides: Tensor | None = None,
+    mask_logits: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Turn one image's candidates into final instances (hand-out 6.10.2, PostProcessImg).
 
@@ -279,6 +290,10 @@ def finish_single(
         padded_size: (H, W) of the network input (default: 4 x (h4, w4)).
         orig_size: (h0, w0) of the source image (default: input_size).
         strides: optional (n,) stride (pixels) of each candidate's FPN level.
+        mask_logits: optional (n, h4, w4) logits of the same masks (sigmoid = mask_probs). When
+            given, the final resize interpolates them instead of the probabilities and
+            thresholds at logit(ins_thresh): the masks of a model whose loss compared
+            upsampled logits (SOLOv2's `mask_loss_stride` < 4) come out as it was trained.
     Returns:
         dict with "masks" (k, h0, w0) uint8, "labels" (k,) int64, "scores" (k,) float32, sorted
         by decreasing score, on `mask_probs.device`.
@@ -301,7 +316,14 @@ def finish_single(
     keep = area > 0
     if strides is not None:
         keep &= area > strides.to(area)
-    mask_probs, masks, area = mask_probs[keep], masks[keep], area[keep]
+    if mask_logits is not None and mask_logits.shape != mask_probs.shape:
+        raise ValueError(
+            f"finish_single: mask_logits {tuple(mask_logits.shape)} must match mask_probs "
+            f"{tuple(mask_probs.shape)}."
+        )
+    # The soft masks to resize at the end, filtered and ordered along with mask_probs.
+    soft = mask_logits if mask_logits is not None else mask_probs
+    mask_probs, masks, area, soft = mask_probs[keep], masks[keep], area[keep], soft[keep]
     labels, scores = labels[keep], scores[keep]
     if labels.numel() == 0:
         return _empty_result(orig_size, device)
@@ -309,21 +331,23 @@ def finish_single(
     maskness = (mask_probs * masks).sum(dim=(1, 2)) / area  # (n,) mean soft value in the mask
     scores = scores * maskness
     top = torch.argsort(scores, descending=True, stable=True)[:pre_nms_num]
-    mask_probs, masks, area, labels, scores = (
+    mask_probs, masks, area, labels, scores, soft = (
         mask_probs[top],
         masks[top],
         area[top],
         labels[top],
         scores[top],
+        soft[top],
     )
 
     scores = matrix_nms(masks, labels, scores, nms_kernel, nms_sigma, mask_area=area)
     keep = scores >= update_thresh
-    mask_probs, labels, scores = mask_probs[keep], labels[keep], scores[keep]
+    soft, labels, scores = soft[keep], labels[keep], scores[keep]
     top = torch.argsort(scores, descending=True, stable=True)[:keep_instance]
-    mask_probs, labels, scores = mask_probs[top], labels[top], scores[top]
+    soft, labels, scores = soft[top], labels[top], scores[top]
 
-    final_masks = resize_masks(mask_probs, padded_size, input_size, orig_size, ins_thresh)
+    threshold = ins_thresh if mask_logits is None else logit(ins_thresh)
+    final_masks = resize_masks(soft, padded_size, input_size, orig_size, threshold)
     nonempty = final_masks.flatten(1).amax(dim=1) > 0  # (k,) bool
     return {
         "masks": final_masks[nonempty],

@@ -901,9 +901,11 @@ class SOLOHead(nn.Module):
         input_size: tuple[int, int],
         padded_size: tuple[int, int],
         orig_size: tuple[int, int],
+        mask_logits: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """`postprocess.finish_single` with this head's settings; mask_probs (n, h4, w4) of the
-        candidates, level_of (n,) their levels (for the small-mask filter)."""
+        candidates, level_of (n,) their levels (for the small-mask filter); mask_logits: their
+        logits, to resize those instead of the probabilities (see `finish_single`)."""
         strides = None
         if self.filter_small_masks:
             strides = torch.tensor(self.strides, device=level_of.device)[level_of]
@@ -921,6 +923,7 @@ class SOLOHead(nn.Module):
             orig_size=orig_size,
             update_thresh=self.update_thresh,
             strides=strides,
+            mask_logits=mask_logits,
         )
 
     # --- plotting (hand-out 6.6, 6.11) ---

@@ -26,6 +26,10 @@ Following the authors (WXinlong/SOLO solov2_head.py + mask_feat_head.py; AdelaiD
   matrix product per image (`dynamic_mask_logits`), never a loop over cells.
 - Targets are SOLO's (`solo_head.target_single_img`) with every level's masks at the
   mask-feature size H/4 x W/4 (the authors' solov2_target_single rescales by 1/4 on every level).
+- `mask_loss_stride` (not in the paper; default 4, the authors'): 2 or 1 compares the masks in
+  the dice loss at stride 2 or at the input's resolution, the mask logits bilinearly upsampled
+  2 or 4 times (`upsample_logits`), and inference then resizes the kept masks' logits rather than
+  their probabilities. The CPU preset uses 1 (README, "The CPU preset").
 - Post-processing as the authors' get_seg_single, through `postprocess.finish_single`: category
   score > 0.1, masks by dynamic convolution, binarise at 0.5, drop masks not larger than the
   level's stride, score x maskness, top 500, Matrix NMS (gaussian, sigma 2), keep >= 0.05, top
@@ -75,6 +79,7 @@ STACKED_CONVS = 4  # convs per tower (authors)
 KERNEL_CHANNELS = 256  # E: mask-feature channels = weights of one 1x1 dynamic kernel (authors)
 MASK_FEAT_CHANNELS = 128  # width of the mask-feature branch's convs (authors)
 MASK_FEAT_LEVELS = 4  # P2..P5 feed the mask-feature branch (authors: start_level 0, end_level 3)
+MASK_STRIDE = 4  # of the mask features (and, by default, of the masks the dice loss compares)
 # Post-processing (authors' test_cfg): score_thr, nms_pre, max_per_img, update_thr.
 CATE_THRESH, PRE_NMS_NUM, KEEP_INSTANCE, UPDATE_THRESH = 0.1, 500, 100, 0.05
 
@@ -108,6 +113,20 @@ def dynamic_mask_logits(mask_feats: Tensor, kernels: Tensor, img_idx: Tensor) ->
     bias = kernels.new_zeros(K)  # the authors' dynamic kernels have no bias
     rows = torch.arange(K, device=kernels.device)
     return mask_logits_for_cells(mask_feats, img_idx, rows, weight, bias)
+
+
+def upsample_logits(logits: Tensor, factor: int) -> Tensor:
+    """(K, h, w) mask logits -> (K, factor h, factor w), bilinear (align_corners=False).
+
+    Logits, not probabilities: a straight edge is a linear ramp of logits, which bilinear
+    interpolation keeps, so its zero crossing (the boundary at threshold 0.5) lands between the
+    coarse pixels; upsampled probabilities blur it instead. factor 1 returns `logits`.
+    """
+    if factor == 1:
+        return logits
+    return F.interpolate(
+        logits[:, None], scale_factor=factor, mode="bilinear", align_corners=False
+    )[:, 0]  # (K, h, w) -> (K, 1, h, w) -> (K, 1, fh, fw) -> (K, fh, fw)
 
 
 def category_loss(
@@ -156,17 +175,20 @@ def solov2_loss(
     focal_gamma: float = 2.0,
     focal_norm: str = "positives",
     dice_eps: float = 1e-3,
+    mask_upsample: int = 1,
 ) -> dict[str, Tensor | int]:
     """L = cate_w L_cate + mask_w L_mask (paper eq. 1 of SOLO, sec. 3.3 of SOLOv2).
 
     L_mask is the mean dice loss of the positive cells' dynamic masks; their kernels from all
-    levels go through one `dynamic_mask_logits` call.
+    levels go through one `dynamic_mask_logits` call. With `mask_upsample` u > 1 the mask
+    logits are bilinearly upsampled u times before the sigmoid and the dice loss, against
+    targets u times the mask-feature size (`SOLOv2Head`'s `mask_loss_stride`).
 
     Args:
         lvl_cate_preds: per level (B, C, S, S) category logits.
         lvl_kernel_preds: per level (B, E, S, S) dynamic kernels.
         mask_feats: (B, E, Hf, Wf) mask features.
-        img_lvl_*: `SOLOv2Head.target` output: per image, per level (P, Hf, Wf) uint8 /
+        img_lvl_*: `SOLOv2Head.target` output: per image, per level (P, u Hf, u Wf) uint8 /
             (S, S) int64 / (S*S,) bool.
     Returns:
         dict with "total", "cate", "mask" scalars and "num_pos" (int, positive cells). With no
@@ -194,7 +216,8 @@ def solov2_loss(
     mask = anchor
     if kernels:
         logits = dynamic_mask_logits(mask_feats, torch.cat(kernels), torch.cat(img_idxs))
-        dice = dice_loss(torch.sigmoid(logits.float()), torch.cat(targets), dice_eps)  # (K,)
+        logits = upsample_logits(logits.float(), mask_upsample)  # (K, u Hf, u Wf)
+        dice = dice_loss(torch.sigmoid(logits), torch.cat(targets), dice_eps)  # (K,)
         num_pos = dice.numel()
         mask = dice.mean() + anchor
     total = cate_loss_weight * cate + mask_loss_weight * mask
@@ -286,6 +309,7 @@ class SOLOv2Head(SOLOHead):
         num_grids: tuple[int, ...] = NUM_GRIDS,
         kernel_channels: int = KERNEL_CHANNELS,
         mask_feat_channels: int = MASK_FEAT_CHANNELS,
+        mask_loss_stride: int = MASK_STRIDE,
         mask_loss_weight: float = 3.0,
         cate_loss_weight: float = 1.0,
         focal_gamma: float = 2.0,
@@ -308,11 +332,19 @@ class SOLOv2Head(SOLOHead):
         seg_feat_channels, stacked_convs: width D and depth of the kernel and category towers.
         kernel_channels: E, the mask features' channels and the length of a dynamic kernel.
         mask_feat_channels: width of the mask-feature branch's convs.
+        mask_loss_stride: input pixels per pixel of the masks that the dice loss compares: 4,
+            the mask features' own stride (the authors), or 2 or 1, for which the mask logits
+            are bilinearly upsampled 2 or 4 times first (`upsample_logits`); inference then
+            resizes logits rather than probabilities, as trained (`postprocess.finish_single`).
         """
+        if mask_loss_stride not in (1, 2, 4):
+            raise ValueError(f"mask_loss_stride must be 1, 2 or 4, got {mask_loss_stride!r}")
         # Read by `_init_layers`, which SOLOHead.__init__ calls (plain ints may be set before
         # nn.Module.__init__).
         self.kernel_channels = kernel_channels
         self.mask_feat_channels = mask_feat_channels
+        self.mask_loss_stride = mask_loss_stride
+        self.mask_upsample = MASK_STRIDE // mask_loss_stride
         super().__init__(
             num_classes=num_classes,
             in_channels=in_channels,
@@ -427,7 +459,8 @@ class SOLOv2Head(SOLOHead):
         masks_list: Sequence[Tensor],
         padded_size: tuple[int, int] | None = None,
     ) -> dict[str, Tensor | int]:
-        """Targets (every level's masks at the mask-feature size) and `solov2_loss` of a batch.
+        """Targets (every level's masks at the mask-feature size, times `mask_upsample` when
+        `mask_loss_stride` < 4) and `solov2_loss` of a batch.
 
         preds: `forward(..., eval=False)` output; the rest as `SOLOHead.loss`. Returns
         dict(total=, cate=, mask=, num_pos=).
@@ -436,7 +469,9 @@ class SOLOv2Head(SOLOHead):
         if padded_size is None:
             padded_size = tuple(masks_list[0].shape[-2:])
         check_labels(labels_list, self.num_classes, "SOLOv2Head.loss")
-        sizes = [tuple(mask_feats.shape[-2:])] * len(lvl_cate_preds)  # H/4 x W/4 on every level
+        u = self.mask_upsample
+        h, w = mask_feats.shape[-2:]
+        sizes = [(u * h, u * w)] * len(lvl_cate_preds)  # H/4 x W/4 (x u) on every level
         device = mask_feats.device
         img_ins, img_cate, img_ind = self.target(
             sizes,
@@ -458,6 +493,7 @@ class SOLOv2Head(SOLOHead):
             focal_gamma=self.focal_gamma,
             focal_norm=self.focal_norm,
             dice_eps=self.dice_eps,
+            mask_upsample=self.mask_upsample,
         )
 
     # --- inference ---
@@ -485,12 +521,14 @@ class SOLOv2Head(SOLOHead):
             mask_feat[None], kernels[cell_idx], torch.zeros_like(cell_idx)
         )  # (n, Hf, Wf)
         level_of, _ = cell_levels(cell_idx, self.num_grids)
+        logits = logits.float()
         return self.finish_candidates(
-            torch.sigmoid(logits.float()),
+            torch.sigmoid(logits),
             labels,
             scores,
             level_of,
             input_size,
             padded_size,
             orig_size,
+            mask_logits=logits if self.mask_upsample > 1 else None,
         )

@@ -112,7 +112,7 @@ def run_onnx(runner, img, meta) -> tuple[float, float, int]:
     outputs = runner.run(x)
     t1 = time.perf_counter()
     result = export.finish_outputs(
-        outputs, meta_x["input_size"], runner.frame, meta_x["orig_size"], runner.ins_thresh
+        outputs, meta_x["input_size"], runner.frame, meta_x["orig_size"], runner.mask_threshold
     )
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, len(result["scores"])

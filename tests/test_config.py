@@ -91,7 +91,11 @@ def test_augmentation_settings_reach_train_augment():
 
 @pytest.mark.parametrize(
     "argv, field",
-    [(["--aug-scale", "1.2", "0.8"], "aug_scale"), (["--aug-color", "1.5"], "aug_color")],
+    [
+        (["--aug-scale", "1.2", "0.8"], "aug_scale"),
+        (["--aug-color", "1.5"], "aug_color"),
+        (["--mask-loss-stride", "3"], "mask_loss_stride"),
+    ],
 )
 def test_bad_augmentation_settings_are_refused(argv, field):
     with pytest.raises(ValueError, match=field):

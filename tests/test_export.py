@@ -192,6 +192,21 @@ def test_onnx_equals_pytorch_with_many_candidates(name, tmp_path):
         assert set(out["labels"][:count].tolist()) <= {1, 2, 3}
 
 
+@pytest.mark.parametrize("stride, values", [(4, "probs"), (1, "logits")])
+def test_solov2_gives_logits_when_its_loss_compared_upsampled_masks(stride, values, tmp_path):
+    # TINY comes from the CPU preset (mask_loss_stride 1); the authors' stride 4 keeps the
+    # probabilities. Either way the ONNX result must equal the PyTorch path's.
+    model, cfg = tiny_model("solov2", mask_loss_stride=stride)
+    runner, problems, summary, outputs = export_and_check(model, cfg, tmp_path / "m.onnx")
+    assert problems == [] and summary["instances"] > 2
+    assert runner.mask_values == values and runner.meta["mask_values"] == values
+    kept = np.concatenate([out["masks"][: int(out["count"])].ravel() for out in outputs])
+    if values == "logits":
+        assert runner.mask_threshold == 0.0 and kept.min() < 0 and kept.max() > 1
+    else:
+        assert runner.mask_threshold == 0.5 and 0 <= kept.min() and kept.max() <= 1
+
+
 @pytest.mark.parametrize("name", MODEL_TYPES)
 def test_nothing_above_the_threshold_exports_and_runs(name, tmp_path):
     # untrained: every category score near the prior 0.01, none above 0.6

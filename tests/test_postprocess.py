@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from postprocess import (
     finish_single,
+    logit,
     mask_ious,
     matrix_nms,
     points_nms,
@@ -244,6 +245,32 @@ def test_finish_single_shapes_and_maskness():
     ys, xs = out["masks"][1].nonzero(as_tuple=True)
     assert 6 <= ys.min() <= 10 and 38 <= ys.max() <= 42
     assert 6 <= xs.min() <= 10 and 38 <= xs.max() <= 42
+
+
+def test_finish_single_resizes_logits_when_given():
+    # One mask, a steep linear ramp of logits across 4 columns: -6.5, -1.5, 3.5, 8.5 (zero at
+    # column 1.3). Resized 4x as logits, the ramp stays linear and crosses 0 at source column
+    # 1.3, i.e. output columns j with (j + 0.5) / 4 - 0.5 > 1.3: j >= 7. Resized as
+    # probabilities, 0.182 -> 0.971 between columns 1 and 2 crosses 0.5 at 1.403: j >= 8.
+    logits = (5 * (torch.arange(4.0) - 1.3)).expand(4, 4)[None]  # (1, 4, 4)
+    args = dict(input_size=(16, 16), padded_size=(16, 16), orig_size=(16, 16))
+    label, score = torch.tensor([1]), torch.tensor([0.9])
+    from_logits = finish_single(torch.sigmoid(logits), label, score, mask_logits=logits, **args)
+    from_probs = finish_single(torch.sigmoid(logits), label, score, **args)
+    assert from_logits["masks"][0, 5].tolist() == [0] * 7 + [1] * 9
+    assert from_probs["masks"][0, 5].tolist() == [0] * 8 + [1] * 8
+    # maskness and scores come from the probabilities either way
+    torch.testing.assert_close(from_logits["scores"], from_probs["scores"])
+    # the threshold is the logit of ins_thresh: 0.7 -> 0.847, crossing at column 1.47: j >= 8
+    high = finish_single(
+        torch.sigmoid(logits), label, score, ins_thresh=0.7, mask_logits=logits, **args
+    )
+    assert high["masks"][0, 5].tolist() == [0] * 8 + [1] * 8
+    assert logit(0.5) == 0.0 and math.isclose(logit(0.7), math.log(0.7 / 0.3))
+    with pytest.raises(ValueError, match="mask_logits"):
+        finish_single(torch.sigmoid(logits), label, score, mask_logits=logits[:, :3], **args)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        logit(1.0)
 
 
 def test_finish_single_padding_crop():

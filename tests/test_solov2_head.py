@@ -30,7 +30,7 @@ from config import (
 )
 from model import build_model
 from solo_head import cell_levels, dice_loss, featmap_sizes_for, target_single_img
-from solov2_head import MaskFeatBranch, SOLOv2Head, dynamic_mask_logits
+from solov2_head import MaskFeatBranch, SOLOv2Head, dynamic_mask_logits, upsample_logits
 
 H, W = 256, 320  # padded input of the target tests
 GRIDS = (10, 8, 6, 4, 3)  # small heads
@@ -238,22 +238,27 @@ def batch_of_three(Hi=128, Wi=160):
     )
 
 
-def test_loss_equals_the_full_computation():
-    head = small_head()
+@pytest.mark.parametrize("stride", [4, 2, 1])
+def test_loss_equals_the_full_computation(stride):
+    head = small_head(mask_loss_stride=stride)
     cate, kernels, mask_feats = head(fpn_features(seed=1))
     data = batch_of_three()
     losses = head.loss((cate, kernels, mask_feats), **data)
     assert losses["num_pos"] > 0
 
-    # All S^2 dynamic masks per level, then the positives picked with ins_ind_label.
-    sizes = [tuple(mask_feats.shape[-2:])] * 5
+    # All S^2 dynamic masks per level, upsampled 4 / stride times (bilinear, logits), then the
+    # positives picked with ins_ind_label; targets at 128 / stride x 160 / stride.
+    sizes = [(128 // stride, 160 // stride)] * 5
     img_ins, img_cate, img_ind = head.target(sizes, *data.values(), (128, 160))
+    assert img_ins[0][0].shape[-2:] == (128 // stride, 160 // stride)
     dices = []
     for level, kernel_pred in enumerate(kernels):
-        full = torch.sigmoid(head.mask_logits(mask_feats, kernel_pred))  # (B, S^2, 32, 40)
+        full = head.mask_logits(mask_feats, kernel_pred)  # (B, S^2, 32, 40)
+        full = F.interpolate(full, scale_factor=4 // stride, mode="bilinear")
+        full = torch.sigmoid(full)  # (B, S^2, 128 / stride, 160 / stride)
         for b in range(2):
             dices.append(dice_loss(full[b][img_ind[b][level]], img_ins[b][level]))
-    assert torch.allclose(losses["mask"], torch.cat(dices).mean(), atol=1e-6)
+    assert torch.allclose(losses["mask"], torch.cat(dices).mean(), atol=1e-5)
     assert losses["num_pos"] == sum(int(i.sum()) for lvl in img_ind for i in lvl)
     logits = torch.cat([c.permute(0, 2, 3, 1).reshape(-1, 3) for c in cate])
     targets = torch.cat([torch.stack(lvl).flatten() for lvl in zip(*img_cate, strict=True)])
@@ -261,6 +266,27 @@ def test_loss_equals_the_full_computation():
     focal = sigmoid_focal_loss(logits, one_hot, reduction="sum") / (losses["num_pos"] + 1)
     assert torch.allclose(losses["cate"], focal, rtol=1e-5)
     assert torch.allclose(losses["total"], losses["cate"] + 3 * losses["mask"])
+
+
+def test_upsampled_logits_keep_a_straight_edge_between_coarse_pixels():
+    # logits -6.5, -1.5, 3.5, 8.5: a linear ramp with its zero at column 1.3. Bilinear x4
+    # (align_corners=False) reproduces the ramp at output columns j with source column
+    # (j + 0.5) / 4 - 0.5 inside [0, 3], so it turns positive from j = 7 on; outside, the edge
+    # columns repeat (-6.5 and 8.5).
+    logits = (5 * (torch.arange(4.0) - 1.3)).expand(3, 4).repeat(2, 1, 1)  # (2, 3, 4)
+    up = upsample_logits(logits, 4)  # (2, 12, 16)
+    assert up.shape == (2, 12, 16)
+    source = (torch.arange(16.0) + 0.5) / 4 - 0.5
+    ramp = 5 * (source.clamp(0, 3) - 1.3)
+    torch.testing.assert_close(up[1, 6], ramp)
+    assert (up[0, 6] > 0).tolist() == [False] * 7 + [True] * 9
+    assert upsample_logits(logits, 1) is logits
+
+
+def test_mask_loss_stride_must_be_1_2_or_4():
+    with pytest.raises(ValueError, match="mask_loss_stride"):
+        small_head(mask_loss_stride=3)
+    assert small_head(mask_loss_stride=1).mask_upsample == 4
 
 
 def test_no_objects_gives_positive_category_loss_and_zero_mask_loss():
