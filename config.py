@@ -183,7 +183,7 @@ CPU = Config(
     warmup_ratio=0.001,
     grad_clip=35.0,
     # Data generation and training; with the final evaluation and start-up about 18.7
-    # minutes of wall time (run G, README), under the 20.
+    # minutes of wall time (runs G and I, README), under the 20.
     time_budget_min=18.0,
     cpu_bf16=True,
     num_workers=0,
