@@ -8,8 +8,9 @@ the same COCOeval (`main_infer.score`) on the same held-out split, and one table
 both APs.
 
 - SOLO: `main_train.train(replace(preset("cpu"), time_budget_min=minutes, out=DIR/solo))`,
-  exactly the CPU preset (SOLOv2, ResNet-18 of width 32 with FPN 64, 192 x 256, AdamW 2e-3,
-  warm-up + cosine, bf16 autocast); its budget covers its data loading, epochs and per-epoch
+  exactly the CPU preset (SOLOv2, ResNet-18 of width 32 with FPN 64, 192 x 256, mask loss at
+  stride 2, AdamW 3e-3 with the kernel output conv at x 0.25, warm-up + cosine, bf16
+  autocast); its budget covers its data loading, epochs and per-epoch
   validation loss, and fixes the number of iterations as it goes (`main_train.BudgetProbe`).
 - Mask R-CNN: torchvision's `MaskRCNN` on a ResNet-18 FPN (`backbone.build_backbone(18, C,
   width=W)`: trainable batch norm, from scratch, P2..P6) with C = `--maskrcnn-fpn` channels,

@@ -74,7 +74,9 @@ def test_lr_schedule_warmup_steps_and_cosine():
 def test_kernel_lr_mult_gives_solov2_kernel_output_its_own_learning_rate():
     from model import build_model
 
-    cfg = replace(TINY, model="solov2", kernel_channels=8, mask_feat_channels=8, lr=0.01)
+    cfg = replace(
+        TINY, model="solov2", kernel_channels=8, mask_feat_channels=8, lr=0.01, kernel_lr_mult=1.0
+    )
     model = build_model(cfg, num_classes=3)
     names = {id(p): n for n, p in model.named_parameters()}
     plain = main_train.build_optimizer(cfg, model)
