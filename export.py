@@ -314,9 +314,7 @@ class InferenceGraph(nn.Module):
         self.max_instances = min(int(max_instances), self.nms_slots)  # K
         # SOLOv2 trained with an upsampled mask loss gives its kept masks as logits, which the
         # finishing resizes as `postprocess.finish_single` does with mask_logits.
-        self.mask_values = (
-            "logits" if self.kind == "solov2" and head.mask_loss_stride < MASK_STRIDE else "probs"
-        )
+        self.mask_values = "logits" if self.kind == "solov2" and head.mask_upsample > 1 else "probs"
         # Per cell (numbered level by level, row-major, as the PyTorch path numbers them): its
         # level, its level's stride, and (Decoupled SOLO) its X and Y channels in the levels'
         # concatenated X and Y maps: cell (i, j) of a level uses X_j and Y_i.

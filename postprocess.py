@@ -304,6 +304,11 @@ def finish_single(
             f"finish_single: labels {tuple(labels.shape)} and scores {tuple(scores.shape)} must "
             f"both be ({n},) to match mask_probs {tuple(mask_probs.shape)}."
         )
+    if mask_logits is not None and mask_logits.shape != mask_probs.shape:
+        raise ValueError(
+            f"finish_single: mask_logits {tuple(mask_logits.shape)} must match mask_probs "
+            f"{tuple(mask_probs.shape)}."
+        )
     padded_size = tuple(padded_size) if padded_size is not None else (4 * h4, 4 * w4)
     input_size = tuple(input_size) if input_size is not None else padded_size
     orig_size = tuple(orig_size) if orig_size is not None else input_size
@@ -316,11 +321,6 @@ def finish_single(
     keep = area > 0
     if strides is not None:
         keep &= area > strides.to(area)
-    if mask_logits is not None and mask_logits.shape != mask_probs.shape:
-        raise ValueError(
-            f"finish_single: mask_logits {tuple(mask_logits.shape)} must match mask_probs "
-            f"{tuple(mask_probs.shape)}."
-        )
     # The soft masks to resize at the end, filtered and ordered along with mask_probs.
     soft = mask_logits if mask_logits is not None else mask_probs
     mask_probs, masks, area, soft = mask_probs[keep], masks[keep], area[keep], soft[keep]

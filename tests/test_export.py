@@ -194,7 +194,7 @@ def test_onnx_equals_pytorch_with_many_candidates(name, tmp_path):
 
 @pytest.mark.parametrize("stride, values", [(4, "probs"), (1, "logits")])
 def test_solov2_gives_logits_when_its_loss_compared_upsampled_masks(stride, values, tmp_path):
-    # TINY comes from the CPU preset (mask_loss_stride 1); the authors' stride 4 keeps the
+    # TINY comes from the CPU preset (mask_loss_stride 2); the authors' stride 4 keeps the
     # probabilities. Either way the ONNX result must equal the PyTorch path's.
     model, cfg = tiny_model("solov2", mask_loss_stride=stride)
     runner, problems, summary, outputs = export_and_check(model, cfg, tmp_path / "m.onnx")
