@@ -294,14 +294,22 @@ def test_initialisations():
 
 def test_positive_only_mask_logits_equal_the_full_ones():
     torch.manual_seed(0)
-    mask_feat = torch.randn(3, 16, 12, 14)
+    mask_feat = torch.randn(4, 16, 12, 14, requires_grad=True)  # image 3 has no request
     conv = torch.nn.Conv2d(16, 25, 1)
     img_idx = torch.tensor([2, 0, 2, 1, 0, 2])
     cell_idx = torch.tensor([24, 3, 0, 7, 3, 11])
-    full = mask_logits_full(mask_feat, conv.weight, conv.bias)  # (3, 25, 12, 14)
+    full = mask_logits_full(mask_feat, conv.weight, conv.bias)  # (4, 25, 12, 14)
     part = mask_logits_for_cells(mask_feat, img_idx, cell_idx, conv.weight, conv.bias)
     assert part.shape == (6, 12, 14)
     assert torch.allclose(part, full[img_idx, cell_idx], atol=1e-5)
+    weights = torch.randn_like(part)
+    grads = torch.autograd.grad((part * weights).sum(), [mask_feat, conv.weight])
+    grads_full = torch.autograd.grad(
+        (full[img_idx, cell_idx] * weights).sum(), [mask_feat, conv.weight]
+    )
+    for grad, grad_full in zip(grads, grads_full, strict=True):
+        torch.testing.assert_close(grad, grad_full)
+    assert not grads[0][3].any()
     empty = mask_logits_for_cells(mask_feat, cell_idx[:0], cell_idx[:0], conv.weight, conv.bias)
     assert empty.shape == (0, 12, 14)
 
