@@ -127,18 +127,27 @@ def _quiet_index(coco: COCO) -> COCO:
     return coco
 
 
-def build_coco_gt(samples: Iterable, class_names: Sequence[str]) -> COCO:
+def build_coco_gt(
+    samples: Iterable,
+    class_names: Sequence[str],
+    ignore_masks: Mapping[int, object] | None = None,
+) -> COCO:
     """An in-memory COCO ground truth from masks (for CIS680-format data).
 
     Args:
         samples: iterable of (image_id, orig_size (h0, w0), masks (N, h0, w0) uint8 at the
             original size, labels (N,) in 1..C); N may be 0.
         class_names: C names; category ids are 1..C in this order.
+        ignore_masks: image_id -> (h0, w0) uint8 {0, 1}, the image's ignore region (e.g.
+            LabelMe's "__ignore__" shapes): a detection on it is neither a true nor a false
+            positive. Default: none.
     Returns:
         a pycocotools COCO with images, categories and iscrowd-0 RLE annotations whose area
-        is the mask's pixel count and bbox its tight box.
+        is the mask's pixel count and bbox its tight box; each ignore region is added as
+        iscrowd-1 annotations, one per category.
     """
     num_classes = len(class_names)
+    ignore_masks = dict(ignore_masks or {})
     images, annotations = [], []
     for image_id, orig_size, masks, labels in samples:
         h0, w0 = (int(v) for v in orig_size)
@@ -168,6 +177,41 @@ def build_coco_gt(samples: Iterable, class_names: Sequence[str]) -> COCO:
                     "iscrowd": 0,
                 }
             )
+        region = ignore_masks.pop(image_id, None)
+        if region is None:
+            continue
+        region = _to_numpy(region)
+        if region.shape != (h0, w0):
+            raise ValueError(
+                f"build_coco_gt: image {image_id} has an ignore mask of shape {region.shape}; "
+                f"expected ({h0}, {w0}) from its orig_size."
+            )
+        if not region.any():
+            continue
+        # COCOeval matches a crowd region only with detections of the region's category, so
+        # one copy per category makes the region class-agnostic: a detection of any class that
+        # lies on it (crowd IoU = intersection / detection area) is ignored, neither true nor
+        # false positive; a crowd region is never a missed object either.
+        (rle,) = encode_masks(region[None])
+        (box,) = _bboxes([rle])
+        area = float(mask_util.area([rle])[0])
+        for category_id in range(1, num_classes + 1):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(image_id),
+                    "category_id": category_id,
+                    "segmentation": rle,
+                    "area": area,
+                    "bbox": box,
+                    "iscrowd": 1,
+                }
+            )
+    if ignore_masks:
+        raise ValueError(
+            f"build_coco_gt: ignore masks of image ids {sorted(ignore_masks)[:5]} that no "
+            "sample has."
+        )
     coco = COCO()
     coco.dataset = {
         "info": {"description": "SOLO ground truth built from masks"},

@@ -61,7 +61,7 @@ MAX_INSTANCES = 6  # instances per image are drawn uniformly from 0..MAX_INSTANC
 # 3 cells of its stride-4 masks; smaller objects cannot be segmented at that input (ground-truth
 # masks through the preset's pipeline score AP 0.58 on a set from 9 px up, 0.74 from 24 px up;
 # measured again on the default set's held-out split at 300x400: 0.515 through stride-4 masks,
-# 0.733 through stride-2 ones, README "The CPU preset", round four).
+# 0.733 through stride-2 ones, docs/cpu_preset.md, round four).
 OBJECT_SIZE_RANGE = (20.0, 330.0)
 BACKGROUND_BLOBS = (0, 3)  # ellipses that are no object per background: low (incl.)..high (excl.)
 GENERATOR_VERSION = 2  # part of the cache name: a changed generator never reuses old files
@@ -544,11 +544,12 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
 
     import dataset
+    from safe_npy import read_npy
 
     prefix = ensure_builtin_dataset(args.root, args.num, args.seed, workers=args.workers)
     paths = dataset.cis680_paths(prefix)
-    img_labels = np.load(paths["labels"], allow_pickle=True)
-    img_boxes = np.load(paths["bboxes"], allow_pickle=True)
+    img_labels = read_npy(paths["labels"], "labels")
+    img_boxes = read_npy(paths["bboxes"], "bboxes")
     labels = np.concatenate([np.asarray(x, dtype=np.int64).reshape(-1) for x in img_labels])
     per_image = np.bincount([len(x) for x in img_labels], minlength=MAX_INSTANCES + 1)
     print(f"prefix: {prefix}")
@@ -564,4 +565,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run
+
+    run(main)
