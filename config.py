@@ -9,7 +9,7 @@ Presets:
 - `cis680`: the hand-out's recipe (ResNet-50 FPN 256, 800x1088, SGD 0.01 x batch/16, 36 epochs,
   lr / 10 at 27 and 33) with the authors' warm-up and gradient clipping. For a GPU.
 - `cpu`: a small model and input that learns the built-in data set in minutes on a laptop CPU
-  (see README, "The CPU preset", for the measurements behind each choice).
+  (see docs/cpu_preset.md for the measurements behind each choice).
 
 Usage:
     cfg = preset("cpu")
@@ -123,6 +123,8 @@ class Config:
     eval_at_min: tuple[float, ...] = ()  # also evaluate held-out AP after these minutes of
     #                                      the run (a learning curve; evaluation time excluded)
     out: str = "runs/solo"  # run folder: checkpoints, loss curves, results
+    exist_ok: bool = False  # reuse the folder on purpose: a new run into an `out` that holds
+    #                         a checkpoint otherwise goes to out2, out3, ... (as Ultralytics)
     preset: str = "auto"  # the preset this config started from (for the record)
 
 
@@ -133,13 +135,13 @@ class Config:
 CIS680 = Config(preset="cis680")
 
 # A small model for the CPU. It trains the backbone from scratch (no weights can be fetched),
-# so its batch norm trains; the numbers behind each choice are in the README.
+# so its batch norm trains; the runs behind each choice: docs/cpu_preset.md (cited by section).
 CPU = Config(
     preset="cpu",
     # SOLOv2: its masks come from one stride-4 feature map shared by all cells, and learn
-    # far faster from scratch than SOLO's S^2 per-cell output channels (README: held-out AP
-    # 0.141 against SOLO's 0.054 in the same 17.5 minutes; SOLO's masks of large objects are
-    # also at stride 16, 12 x 16 pixels at this input).
+    # far faster from scratch than SOLO's S^2 per-cell output channels (held-out AP 0.141
+    # against SOLO's 0.054 in the same 17.5 minutes; SOLO's masks of large objects are also at
+    # stride 16, 12 x 16 pixels at this input). See docs/cpu_preset.md, the bar and the runs.
     model="solov2",
     num_images=2500,
     input_size=(192, 256),
@@ -147,8 +149,10 @@ CPU = Config(
     # ResNet-18 at half torchvision's width (stages 32, 64, 128, 256): 1.6x the training speed
     # of the full width, and in the same 5 minutes of training more held-out AP (0.089 after
     # 668 iterations against 0.067 after 493; width 48: 0.072, width 24: 0.087).
+    # See docs/cpu_preset.md, round three.
     backbone_width=32,
-    # FPN 64 channels (was 128): same AP after 500 iterations (0.075), epochs 20 % shorter.
+    # FPN 64 channels (was 128): same AP after 500 iterations (0.075), epochs 20 % shorter
+    # (docs/cpu_preset.md, round two).
     fpn_channels=64,
     seg_feat_channels=64,
     stacked_convs=2,
@@ -156,45 +160,48 @@ CPU = Config(
     scale_ranges=((1, 24), (12, 48), (24, 96), (48, 192), (96, 2048)),  # hand-out's x 0.24
     # The mask-feature branch at half the authors' width (64 channels, E = 128): at the same
     # iterations it learned as much (held-out AP 0.070 against 0.065 after 500) and trains
-    # faster.
+    # faster (docs/cpu_preset.md, round one).
     kernel_channels=128,
     mask_feat_channels=64,
     # The dice loss on the mask logits upsampled 2x (stride 2), and inference resizing logits:
     # the held-out ground truth itself scores only AP 0.51 through stride-4 masks, 0.73 through
-    # stride-2 ones. Run I (README): 0.297 against run G's 0.264 in the same 18 minutes;
+    # stride-2 ones. Held-out AP 0.297 against 0.264 at stride 4 in the same 18 minutes;
     # stride 1 (the input's resolution) made each step 1.4x slower and reached 0.283.
+    # See docs/cpu_preset.md, round four.
     mask_loss_stride=2,
     optimizer="adamw",
-    # AdamW lr 3e-3 with SOLOv2's kernel output conv at lr x 0.25: run J (README) reached
-    # held-out AP 0.325 in 18 minutes against run I's 0.297 at lr 2e-3. lr 3e-3 alone stalls
-    # the mask loss (round 1: AP 0.033 after 500 iterations): Adam moves each of a dynamic
-    # kernel's weights by about lr, and the kernel sums E = 128 of them.
+    # AdamW lr 3e-3 with SOLOv2's kernel output conv at lr x 0.25: held-out AP 0.325 in 18
+    # minutes against 0.297 at lr 2e-3 (docs/cpu_preset.md, the learning rate again). lr 3e-3
+    # alone stalls the mask loss (AP 0.033 after 500 iterations, docs/cpu_preset.md, round
+    # one): Adam moves each of a dynamic kernel's weights by about lr, and the kernel sums
+    # E = 128 of them.
     lr=3e-3,
     kernel_lr_mult=0.25,
     # AdamW's decoupled decay (norm layers and biases excluded): by the last epochs the
-    # training loss fell well below the held-out one (0.57 against 0.80, run L). Held-out AP
-    # 0.330 / 0.340 / 0.355 with 1e-4 / 0.05 / 0.1 (runs L, M, N, README).
+    # training loss fell well below the held-out one (0.57 against 0.80). Held-out AP
+    # 0.330 / 0.340 / 0.355 with 1e-4 / 0.05 / 0.1 (docs/cpu_preset.md, weight decay).
     weight_decay=0.1,
     batch_size=8,
-    # A cap above what the time budget fits (run J fitted 3000 iterations, 12 epochs, in 17.6
-    # minutes and stopped there): the budget, not the epochs, ends the run.
+    # A cap above what the time budget fits (a run fitted 3000 iterations, 12 epochs, in 17.6
+    # minutes and stopped there; docs/cpu_preset.md, the learning rate again): the budget, not
+    # the epochs, ends the run.
     epochs=16,
     lr_schedule="cosine",
     # Flips only: measured when about four epochs fitted the budget, scale / crop / colour
-    # jitter slowed learning (README). Now that 13 epochs fit, the training loss ends well
-    # below the held-out one (run L); weight decay closed part of that gap, and augmentation
-    # has not been measured again.
+    # jitter slowed learning (docs/cpu_preset.md, the bar and the runs). Now that 13 epochs
+    # fit, the training loss ends well below the held-out one; weight decay closed part of
+    # that gap, and augmentation has not been measured again.
     aug_scale=(1.0, 1.0),
     aug_color=0.0,
     warmup_iters=100,
     # Adam's first steps move every weight by about lr whatever the gradient's size; summed
     # over a 1x1 dynamic kernel's inputs that saturates every mask at once (measured: SOLOv2's
     # mask logits jumped from -2 to +28 in one step and its dice loss never moved again), so
-    # the warm-up starts from almost zero.
+    # the warm-up starts from almost zero (docs/cpu_preset.md, the warm-up).
     warmup_ratio=0.001,
     grad_clip=35.0,
     # Data generation and training; with the final evaluation and start-up 19:21 to 19:26
-    # of wall time (runs L, M, N, README), under the issue's 20.
+    # of wall time (docs/cpu_preset.md, round five), under the issue's 20.
     time_budget_min=19.0,
     cpu_bf16=True,
     num_workers=0,

@@ -429,12 +429,39 @@ class InferenceGraph(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def read_metadata(session) -> dict:
-    """The export's metadata (json values under `metadata_props`) of an ONNX Runtime session."""
+# What a runner reads from the metadata (export_onnx writes more, for the record).
+METADATA_KEYS = ("config", "class_names", "input_hw", "ins_thresh", "max_candidates")
+
+
+def read_metadata(session, path: str | Path = "this ONNX file") -> dict:
+    """The export's metadata (json values under `metadata_props`) of an ONNX Runtime session
+    for the file `path`; `errors.ModelFileError` when they are missing, unreadable, incomplete
+    or of a newer format."""
+    from errors import ModelFileError
+
     props = session.get_modelmeta().custom_metadata_map
     if "solo_format_version" not in props:
-        raise ValueError("this ONNX file has no SOLO export metadata (was it made by export.py?)")
-    return {k: json.loads(v) for k, v in props.items()}
+        raise ModelFileError(
+            f"{path}: an ONNX model, but without this project's metadata "
+            "(solo_format_version, config, class_names, ...); expected a file made by export.py"
+        )
+    try:
+        meta = {k: json.loads(v) for k, v in props.items()}
+    except json.JSONDecodeError as err:
+        raise ModelFileError(f"{path}: its export metadata are not valid json ({err})") from err
+    version = meta["solo_format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: export metadata format {version!r}; this code reads format "
+            f"{FORMAT_VERSION} and older (export the checkpoint again)"
+        )
+    missing = [key for key in METADATA_KEYS if key not in meta]
+    if missing:
+        raise ModelFileError(
+            f"{path}: its export metadata lack {', '.join(missing)}; expected a file made by "
+            "export.py"
+        )
+    return meta
 
 
 class OnnxSOLO:
@@ -451,14 +478,34 @@ class OnnxSOLO:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        from errors import ModelFileError
+
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such ONNX file")
-        self.session = ort.InferenceSession(
-            str(self.path), options, providers=["CPUExecutionProvider"]
-        )
-        self.meta = read_metadata(self.session)
-        self.cfg: Config = config_from_dict(self.meta["config"])
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # ONNX Runtime's own exception types, one per status code
+            reason = str(err).rpartition("failed:")[2].strip() or type(err).__name__
+            raise ModelFileError(
+                f"{self.path}: not a readable ONNX model ({reason}); expected a file made by "
+                "export.py"
+            ) from err
+        self.meta = read_metadata(self.session, self.path)
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
+            raise ModelFileError(
+                f"{self.path}: the graph has inputs {inputs} and outputs {outputs}; expected "
+                f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)} (a file made by export.py)"
+            )
+        try:
+            self.cfg: Config = config_from_dict(self.meta["config"])
+        except (TypeError, ValueError) as err:
+            message = f"{self.path}: its stored config does not fit this code: {err}"
+            raise ModelFileError(message) from err
         self.class_names = tuple(self.meta["class_names"])
         self.frame = tuple(self.meta["input_hw"])  # (H, W)
         self.ins_thresh = float(self.meta["ins_thresh"])
@@ -770,4 +817,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run
+
+    run(main)

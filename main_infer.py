@@ -13,8 +13,9 @@ score) and `results.json` (COCO results format, RLE masks) go to `--out` (defaul
 runs a model exported by `export.py` with ONNX Runtime on the CPU instead, one image at a time
 at the exported input size (its config, class names and thresholds come from the file's
 metadata), and writes the same pictures and json (default folder: `inference_onnx` beside the
-file). An image whose padded size differs from the exported one is zero-padded to it, as a
-batch pads it in the PyTorch path (or, larger, resized to fit: see `export.graph_input`).
+file). An image whose padded size differs from the exported one is zero-padded to it (or,
+larger, resized to fit: see `export.graph_input`); the PyTorch path runs each image in its own
+frame instead (`SOLOModel.predict`), so for a smaller image the two may differ.
 
 Shape legend: B batch, k kept instances, h0 x w0 original image size, H x W padded input.
 """
@@ -102,15 +103,26 @@ def uses_coco_json(dataset) -> bool:
 
 def ground_truth_of(dataset):
     """A pycocotools COCO ground truth for `dataset`, built from its masks at original size
-    (CIS680 data, and COCO data mapped onto the CIS680 classes)."""
+    (CIS680 data, LabelMe folders, and COCO data mapped onto the CIS680 classes), with the
+    data set's ignore regions (`ignore_mask`, e.g. LabelMe's "__ignore__" shapes) where it has
+    them: a detection there is neither a true nor a false positive."""
     from evaluation import build_coco_gt
 
+    image_ids = image_ids_of(dataset)
+
     def samples():
-        for i, image_id in enumerate(image_ids_of(dataset)):
+        for i, image_id in enumerate(image_ids):
             image, masks, labels, _ = dataset.raw(i)
             yield image_id, tuple(image.shape[-2:]), np.asarray(masks), np.asarray(labels)
 
-    return build_coco_gt(samples(), dataset.class_names)
+    ignore_mask = getattr(dataset, "ignore_mask", None)
+    ignore = {}
+    if ignore_mask is not None:
+        for i, image_id in enumerate(image_ids):
+            region = ignore_mask(i)
+            if region is not None:
+                ignore[image_id] = region
+    return build_coco_gt(samples(), dataset.class_names, ignore_masks=ignore)
 
 
 def score(dataset, detections: list[dict]) -> dict:
@@ -149,15 +161,25 @@ def detections_of(predictions, dataset=None) -> list[dict]:
 
 
 def load_model(checkpoint_path, device) -> tuple[torch.nn.Module, Config, tuple[str, ...]]:
-    """(model in eval mode, its config, class names) from a run folder or checkpoint file."""
-    from main_train import config_of, load_checkpoint
-    from model import build_model
+    """(model in eval mode, its config, class names) from a run folder or checkpoint file.
+
+    A file that is not one of ours, or whose weights do not fit the model its own config
+    builds, raises `errors.ModelFileError` (one line naming the file)."""
+    from errors import ModelFileError
+    from model import build_model, config_of, load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
     cfg = config_of(checkpoint)
     class_names = tuple(checkpoint["class_names"])
     model = build_model(cfg, num_classes=len(class_names))
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError) as err:  # missing / unexpected / resized
+        what = " ".join(str(err).split())  # torch's several lines, as one
+        what = what if len(what) <= 300 else what[:297] + "..."
+        raise ModelFileError(
+            f"{checkpoint_path}: its weights do not fit the model its config builds: {what}"
+        ) from err
     return model.to(device).eval(), cfg, class_names
 
 
@@ -196,14 +218,17 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def load(self, i: int) -> torch.Tensor:
+        """Image i as uint8 (3, h0, w0), decoded as the data sets do (16-bit scaled to 8)."""
         from PIL import Image
+
+        import dataset as ds
 
         try:
             with Image.open(self.files[i]) as im:
-                array = np.asarray(im.convert("RGB"))
+                array = ds.image_to_rgb8(im, self.files[i])
         except OSError as err:
             raise OSError(f"{self.files[i]}: cannot read the image ({err})") from err
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (h0, w0, 3) -> (3, h0, w0)
+        return torch.from_numpy(array)
 
     def __getitem__(self, i: int):
         import dataset as ds
@@ -314,4 +339,6 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run
+
+    run(main)

@@ -12,6 +12,10 @@ Every flag of `config.Config` is available (`python main_train.py --help`). The 
 (total, focal and dice loss against iterations), `metrics.json` and the held-out COCO mask AP,
 which is printed at the end. `resume_train.py RUN` continues an interrupted run.
 
+A new run never overwrites another: when `--out` already holds a checkpoint, the run goes to
+the next free `OUT2`, `OUT3`, ... (printed; `--exist-ok` trains into `--out` on purpose).
+Bad input, a full disk and Ctrl-C end the command with one line on stderr (cli.py).
+
 Shape legend: B batch, N instances, H x W padded input.
 """
 
@@ -25,21 +29,78 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import Config, add_config_args, config_from_args, config_from_dict, config_to_dict
+from config import Config, add_config_args, config_from_args, config_to_dict
+from errors import NonFiniteLossError  # noqa: F401  (main_train.NonFiniteLossError)
+
+# Checkpoint writing and reading live beside the model; their names stay importable from here.
+from model import (  # noqa: F401
+    atomic_save,
+    config_of,
+    load_checkpoint,
+    remove_partial_saves,
+    rng_states,
+    save_checkpoint,
+    saved_epoch,
+    set_rng_states,
+)
 
 # --------------------------------------------------------------------------------------------
 # small pure helpers
 # --------------------------------------------------------------------------------------------
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the run stood, what its last checkpoint
+    is and how to continue it."""
+
+
+def numbered_run_dir(out: str | Path, number: int) -> Path:
+    """`out` for number 1, else `out` with the number appended to its name (runs/exp ->
+    runs/exp2, as Ultralytics numbers its runs)."""
+    out = Path(out)
+    if number == 1:
+        return out
+    base = out if out.name else out.resolve()  # "." has no name to number
+    return base.with_name(f"{base.name}{number}")
+
+
+def free_run_number(out: str | Path) -> int:
+    """1 when the folder `out` holds no checkpoint (`last.pt`), else the first n >= 2 whose
+    `numbered_run_dir(out, n)` holds none: a new run never overwrites another one."""
+    number = 1
+    while (numbered_run_dir(out, number) / "last.pt").exists():
+        number += 1
+    return number
+
+
+def checkpoint_note(path: str | Path) -> str:
+    """For messages: `last checkpoint: PATH (epoch M)`, or that none was written yet."""
+    epoch = saved_epoch(path)
+    if epoch is None:
+        return "no checkpoint was written yet"
+    return f"last checkpoint: {path} (epoch {epoch})"
+
+
+def interrupted_message(state: dict) -> str:
+    """The one line for a Ctrl-C during `train` with the run's `state`."""
+    run_dir = state.get("run_dir")
+    if run_dir is None:
+        return "interrupted before training started; no checkpoint was written"
+    if state.get("final_evaluation"):
+        where = "during the final evaluation"
+    else:
+        where = f"at epoch {state['epoch'] + 1}, iteration {state['iteration']}"
+    message = f"interrupted {where}; {checkpoint_note(run_dir / 'last.pt')}"
+    if saved_epoch(run_dir / "last.pt") is not None:
+        message += f"; continue with `python resume_train.py {run_dir}`"
+    return message
 
 
 def lr_at(cfg: Config, it: int, epoch: int, total_iters: int) -> float:
@@ -73,37 +134,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU")
     return torch.device(name)
-
-
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file, flush it to disk, then rename over `path` (atomic on POSIX):
-    a crash during the write leaves the previous checkpoint intact."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def rng_states() -> dict:
-    """Random states in types `torch.load(weights_only=True)` accepts."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-    }
-
-
-def set_rng_states(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    keys = state["numpy_keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
-    random.setstate((state["python_version"], tuple(state["python"]), None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +471,30 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
 
     Returns the final held-out metrics dict (rank 0) or None. `stop_after_epoch` ends the run
     after that many epochs have been completed (used to test resume equivalence).
+
+    A new run never overwrites another: when `cfg.out` holds a checkpoint it goes to the next
+    free numbered folder (`free_run_number`; printed, and recorded in config.json and the
+    checkpoint) unless `cfg.exist_ok`. A resumed run writes into `cfg.out` as given. Ctrl-C
+    becomes a `TrainingInterrupted` whose message says where the run stood and how to go on.
     """
+    state = {
+        "epoch": 0,
+        "iteration": 0,
+        "history": [],
+        "val_history": [],
+        "ap_history": [],
+        "epochs_total": 0,
+        "iters_total": 0,
+    }
+    try:
+        return _train(cfg, checkpoint, stop_after_epoch, state)
+    except KeyboardInterrupt as err:
+        raise TrainingInterrupted(interrupted_message(state)) from err
+
+
+def _train(cfg: Config, checkpoint: dict | None, stop_after_epoch: int | None, state: dict):
+    """`train`'s body; `state` (the schedule's position, histories, and the run folder once
+    chosen) is filled in as the run goes, so that an interruption can say where it stood."""
     from main_infer import evaluate_model
     from model import build_model
 
@@ -454,10 +507,24 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     is_main = rank == 0
+    if checkpoint is None and not cfg.exist_ok:
+        # Rank 0 looks at the disk and decides; every rank takes its number.
+        number = _rank0_value(free_run_number(cfg.out) if is_main else 0, world, device)
+        if number > 1:
+            chosen = numbered_run_dir(cfg.out, number)
+            if is_main:
+                print(
+                    f"{cfg.out} holds a run (last.pt): this run goes to {chosen} "
+                    "(--exist-ok trains into the folder given)"
+                )
+            cfg = replace(cfg, out=str(chosen))
     run_dir = Path(cfg.out)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_partial_saves(run_dir):
+            print(f"removed {path}, a partial checkpoint left by an interrupted write")
         (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    state["run_dir"] = run_dir
 
     t_start = time.time()
     seed_everything(cfg.seed)
@@ -473,15 +540,6 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
 
-    state = {
-        "epoch": 0,
-        "iteration": 0,
-        "history": [],
-        "val_history": [],
-        "ap_history": [],
-        "epochs_total": 0,
-        "iters_total": 0,
-    }
     state["class_names"] = list(train_set.class_names)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -554,7 +612,7 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {epoch + 1}, iteration {it}: "
                     + ", ".join(f"{k}={v}" for k, v in values.items())
-                    + f"; the last good checkpoint is {run_dir / 'last.pt'}"
+                    + f"; {checkpoint_note(run_dir / 'last.pt')}"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["total"]).backward()
@@ -631,6 +689,7 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
     metrics = None
     finished = epoch >= epochs_total
     if is_main and finished and len(val_set):
+        state["final_evaluation"] = True
         minutes = (time.time() - t_start - eval_seconds) / 60.0  # before this evaluation
         metrics = evaluate_model(model, val_set, cfg, device)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -688,41 +747,6 @@ def _progress(loader, enabled: bool, desc: str):
     return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
 
 
-def save_checkpoint(path: Path, cfg: Config, model, optimizer, scaler, state: dict) -> None:
-    atomic_save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "epoch": state["epoch"],
-            "iteration": state["iteration"],
-            "epochs_total": state["epochs_total"],
-            "iters_total": state["iters_total"],
-            "history": state["history"],
-            "val_history": state["val_history"],
-            "ap_history": state["ap_history"],
-            "rng": rng_states(),
-            "config": config_to_dict(cfg),
-            "class_names": state["class_names"],
-        },
-        path,
-    )
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint file, or the `last.pt` of a run folder, with weights_only=True."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint there (expected a .pt file or run folder)")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def config_of(checkpoint: dict) -> Config:
-    return config_from_dict(checkpoint["config"])
-
-
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
@@ -741,4 +765,6 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run
+
+    run(main)

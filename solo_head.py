@@ -129,6 +129,22 @@ def image_sizes(
     return input_size, tuple(meta.get("orig_size", input_size))
 
 
+def image_frame(meta: dict | None, padded_size: tuple[int, int], pad_to: int) -> tuple[int, int]:
+    """The frame one image has on its own: its input size (h, w) rounded up to multiples of
+    pad_to, as `dataset.preprocess` pads it, at most the batch's padded size (H, W).
+
+    Without a meta (or its "input_size") the image's frame is the batch's.
+    """
+    if not meta or "input_size" not in meta:
+        return int(padded_size[0]), int(padded_size[1])
+    step = max(1, int(pad_to or 1))
+    h, w = (int(v) for v in meta["input_size"])
+    return (
+        min(int(padded_size[0]), -(-h // step) * step),
+        min(int(padded_size[1]), -(-w // step) * step),
+    )
+
+
 def cell_levels(cell_idx: Tensor, num_grids: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Level and within-level index of cells numbered over all levels (level by level, row-major).
 

@@ -29,7 +29,7 @@ Following the authors (WXinlong/SOLO solov2_head.py + mask_feat_head.py; AdelaiD
 - `mask_loss_stride` (not in the paper; default 4, the authors'): 2 or 1 compares the masks in
   the dice loss at stride 2 or at the input's resolution, the mask logits bilinearly upsampled
   2 or 4 times (`upsample_logits`), and inference then resizes the kept masks' logits rather than
-  their probabilities. The CPU preset uses 2 (README, "The CPU preset").
+  their probabilities. The CPU preset uses 2 (docs/cpu_preset.md, round four).
 - Post-processing as the authors' get_seg_single, through `postprocess.finish_single`: category
   score > 0.1, masks by dynamic convolution, binarise at 0.5, drop masks not larger than the
   level's stride, score x maskness, top 500, Matrix NMS (gaussian, sigma 2), keep >= 0.05, top

@@ -15,7 +15,7 @@ both APs.
 - Mask R-CNN: torchvision's `MaskRCNN` on a ResNet-18 FPN (`backbone.build_backbone(18, C,
   width=W)`: trainable batch norm, from scratch, P2..P6) with C = `--maskrcnn-fpn` channels,
   default 128, and W = `--maskrcnn-width`, default torchvision's 64: the widths its figures in
-  the README were measured with (the preset's FPN 64 and ResNet width 32 are speed choices
+  docs/benchmarks.md were measured with (the preset's FPN 64 and ResNet width 32 are speed choices
   measured for SOLOv2), num_classes 4 (with background),
   min_size 192 / max_size 256 (the preset's input: its transform does not resize), ImageNet
   mean / std. Its inputs are the preset's batches converted: the normalised image
@@ -31,8 +31,8 @@ both APs.
   * mask head 4 x 3x3 convs of 128 channels, its FPN width (torchvision's default is 256 for
     its 256-channel FPN; 128 is the same design at this backbone's width, 4x fewer FLOPs);
     `--maskrcnn-mask-head 256` restores the default;
-  * AdamW lr `--maskrcnn-lr` (default 1e-3; 2e-3 measured better, README; run a few values
-    with `--skip-solo` and pass the best), weight decay `--maskrcnn-weight-decay` (default
+  * AdamW lr `--maskrcnn-lr` (default 1e-3; 2e-3 measured better (docs/benchmarks.md); run a few
+    values with `--skip-solo`, pass the best), weight decay `--maskrcnn-weight-decay` (default
     1e-4, the value of its measurements; not on norms and biases, as
     `build_optimizer`), linear warm-up from lr / 3 over the preset's 100 iterations, then
     cosine to zero over the elapsed fraction of the time budget; gradient clipping at the
@@ -239,7 +239,8 @@ def train_solo(cfg: Config, out_dir: Path) -> dict:
     from main_train import load_checkpoint, train
 
     t0 = time.time()
-    metrics = train(replace(cfg, out=str(out_dir)))
+    # exist_ok: the benchmark reads out_dir/last.pt back; a rerun with the same --out replaces it
+    metrics = train(replace(cfg, out=str(out_dir), exist_ok=True))
     ckpt_path = out_dir / "last.pt"
     # last.pt is written at the end of the last epoch, before the final evaluation.
     train_s = ckpt_path.stat().st_mtime - t0

@@ -44,18 +44,6 @@ TINY = replace(
 )
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("builtin")
-    old = os.environ.get("SOLO_DATA_DIR")
-    os.environ["SOLO_DATA_DIR"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("SOLO_DATA_DIR", None)
-    else:
-        os.environ["SOLO_DATA_DIR"] = old
-
-
 def test_lr_schedule_warmup_steps_and_cosine():
     cfg = replace(
         CPU, lr=1.0, warmup_iters=10, warmup_ratio=1 / 3, lr_schedule="step", lr_steps=(3, 5)
