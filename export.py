@@ -89,6 +89,7 @@ from torch import Tensor
 
 import postprocess
 from config import Config, config_from_dict, config_to_dict
+from errors import ModelFileError
 
 # --------------------------------------------------------------------------------------------
 # config
@@ -437,8 +438,6 @@ def read_metadata(session, path: str | Path = "this ONNX file") -> dict:
     """The export's metadata (json values under `metadata_props`) of an ONNX Runtime session
     for the file `path`; `errors.ModelFileError` when they are missing, unreadable, incomplete
     or of a newer format."""
-    from errors import ModelFileError
-
     props = session.get_modelmeta().custom_metadata_map
     if "solo_format_version" not in props:
         raise ModelFileError(
@@ -478,8 +477,6 @@ class OnnxSOLO:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        from errors import ModelFileError
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such ONNX file")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from config import Config
+from errors import ModelFileError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -165,7 +166,6 @@ def load_model(checkpoint_path, device) -> tuple[torch.nn.Module, Config, tuple[
 
     A file that is not one of ours, or whose weights do not fit the model its own config
     builds, raises `errors.ModelFileError` (one line naming the file)."""
-    from errors import ModelFileError
     from model import build_model, config_of, load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)

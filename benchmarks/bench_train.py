@@ -188,11 +188,10 @@ def measure_training(cfg, warmup: int, iters: int, threads: int | None = None) -
 
 
 def precision_of(cfg, device: torch.device) -> str:
-    if device.type == "cuda" and cfg.amp:
-        return "fp16 autocast"
-    if device.type == "cpu" and cfg.cpu_bf16:
-        return "bf16 autocast"
-    return "fp32"
+    from main_train import autocast_dtype
+
+    dtype = autocast_dtype(cfg, device)
+    return {torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}.get(dtype, "fp32")
 
 
 # --------------------------------------------------------------------------------------------

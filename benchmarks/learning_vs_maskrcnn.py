@@ -258,18 +258,18 @@ def train_solo(cfg: Config, out_dir: Path) -> dict:
 
 
 def precision_of_preset(cfg: Config) -> str:
-    from main_train import resolve_device
+    from main_train import autocast_dtype, resolve_device
 
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and cfg.amp:
-        return "fp16 autocast, fp32 losses"
-    if device.type == "cpu" and cfg.cpu_bf16:
-        return "bf16 autocast, fp32 losses"
-    return "fp32"
+    dtype = autocast_dtype(cfg, resolve_device(cfg.device))
+    names = {
+        torch.float16: "fp16 autocast, fp32 losses",
+        torch.bfloat16: "bf16 autocast, fp32 losses",
+    }
+    return names.get(dtype, "fp32")
 
 
 def train_maskrcnn(cfg: Config, args, out_dir: Path) -> dict:
-    from main_train import build_data, make_loader, resolve_device, seed_everything
+    from main_train import autocast_dtype, build_data, make_loader, resolve_device, seed_everything
 
     out_dir.mkdir(parents=True, exist_ok=True)
     budget_s = args.minutes * 60.0
@@ -279,9 +279,7 @@ def train_maskrcnn(cfg: Config, args, out_dir: Path) -> dict:
     train_set, val_set = build_data(cfg)
     num_classes = len(train_set.class_names)
     # Low precision where the preset uses it: bf16 on the CPU (cpu_bf16), fp16 on CUDA (amp).
-    low_precision = args.maskrcnn_bf16 and (
-        (device.type == "cpu" and cfg.cpu_bf16) or (device.type == "cuda" and cfg.amp)
-    )
+    low_precision = args.maskrcnn_bf16 and autocast_dtype(cfg, device) is not None
     model = build_maskrcnn(
         cfg,
         num_classes,
