@@ -26,6 +26,7 @@ Shape legend: B batch, H x W padded input (multiples of 32), P_l level l of the 
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -239,8 +240,6 @@ def build_backbone(
     if trainable_layers is None:
         trainable_layers = 3 if pretrained else 5
     elif not pretrained and trainable_layers != 5:
-        import warnings
-
         warnings.warn(
             f"trainable_layers={trainable_layers} ignored: without pretrained weights "
             "every backbone layer trains",

@@ -23,6 +23,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, fields
 
+import torch
+
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
@@ -260,8 +262,6 @@ MODEL_DEFAULTS: dict[str, dict[str, dict]] = {
 def preset(name: str) -> Config:
     """The named preset; "auto" is `cis680` when a CUDA GPU is present and `cpu` otherwise."""
     if name == "auto":
-        import torch
-
         name = "cis680" if torch.cuda.is_available() else "cpu"
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or 'auto'")

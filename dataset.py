@@ -66,7 +66,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF2
 
+import synthetic
+import visualize
+from cis680_files import CIS680_IMAGE_SIZE, cis680_paths, write_cis680  # noqa: F401
+from config import Config
 from errors import DataError  # noqa: F401  (dataset.DataError, as callers have always used it)
 from errors import data_error as _fail
 from safe_npy import read_npy
@@ -94,7 +98,6 @@ from safe_npy import read_npy
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # hand-out section 4.3 (ImageNet statistics)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIS680_CLASSES = ("vehicle", "person", "animal")  # ids 1, 2, 3
-CIS680_IMAGE_SIZE = (300, 400)  # (h, w) of the hand-out's images
 CIS680_INPUT_SIZE = (800, 1066)  # hand-out resize target, padded to 800 x 1088
 
 _VEHICLES = ("bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat")
@@ -371,135 +374,8 @@ def resolve_split(
 
 
 # --------------------------------------------------------------------------------------------
-# CIS680 files: names, writer, reader helpers
+# CIS680 files: reader helpers (names and writer: cis680_files.py)
 # --------------------------------------------------------------------------------------------
-
-
-def cis680_paths(prefix: str | Path) -> dict[str, Path]:
-    """The four CIS680 file names of a prefix: keys "img", "mask", "labels", "bboxes"."""
-    prefix = str(prefix)
-    return {
-        "img": Path(f"{prefix}_img_comp_zlib.h5"),
-        "mask": Path(f"{prefix}_mask_comp_zlib.h5"),
-        "labels": Path(f"{prefix}_labels_comp_zlib.npy"),
-        "bboxes": Path(f"{prefix}_bboxes_comp_zlib.npy"),
-    }
-
-
-def _check_sample(
-    i: int, image: Any, masks: Any, labels: Any, boxes: Any, frame: tuple[int, int] | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Validate one writer sample and convert it to the stored dtypes."""
-    where = f"write_cis680 sample {i}"
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[0] != 3 or image.dtype != np.uint8:
-        raise _fail(where, "image", f"is {image.dtype} {image.shape}", "uint8 (3, H, W)")
-    if frame is not None and image.shape[1:] != frame:
-        raise _fail(where, "image", f"has size {image.shape[1:]}", f"{frame} like sample 0")
-    masks = np.asarray(masks)
-    labels = np.asarray(labels).reshape(-1)
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    n = len(labels)
-    if masks.shape != (n, *image.shape[1:]):
-        raise _fail(where, "masks", f"have shape {masks.shape}", f"({n}, *image size)")
-    if len(boxes) != n:
-        raise _fail(where, "boxes", f"hold {len(boxes)} boxes", f"{n}, one per label")
-    if masks.dtype.kind not in "biuf":
-        raise _fail(where, "masks", f"have dtype {masks.dtype}", "uint8 or bool")
-    binary = masks.dtype.kind == "b" or (masks.dtype.kind == "u" and masks.max(initial=0) <= 1)
-    if masks.size and not binary and not np.isin(masks, (0, 1)).all():
-        raise _fail(where, "masks", "hold values other than 0 and 1", "binary masks")
-    if n and (labels.dtype.kind not in "iu" or labels.min() < 1):
-        raise _fail(where, "labels", f"are {labels.tolist()}", "integer class ids >= 1")
-    return image, masks.astype(np.uint8), labels.astype(np.int64), boxes
-
-
-def _object_array(items: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(items), dtype=object)  # 1-D even when every entry has the same shape
-    for i, item in enumerate(items):
-        out[i] = item
-    return out
-
-
-def write_cis680(
-    prefix: str | Path,
-    samples: Iterable[tuple[Any, Any, Any, Any]],
-    num_images: int | None = None,
-) -> dict[str, Path]:
-    """Write samples as the four CIS680 files of `prefix` (streamed, one image at a time).
-
-    samples: iterable of (image uint8 (3, 300, 400), masks (N, 300, 400) {0, 1}, labels int
-    (N,), boxes float (N, 4) x1 y1 x2 y2); any image size works if all images share it.
-    num_images: the expected count, used to preallocate; at most that many samples are taken.
-    Files are written under temporary names and renamed at the end, so an interrupted write
-    leaves no half-written set. Returns {"img", "mask", "labels", "bboxes"} -> Path.
-    """
-    paths = cis680_paths(prefix)
-    tmp = {key: p.with_name(f"{p.name}.{os.getpid()}.partial") for key, p in paths.items()}
-    paths["img"].parent.mkdir(parents=True, exist_ok=True)
-    label_list: list[np.ndarray] = []
-    box_list: list[np.ndarray] = []
-    img_file = h5py.File(tmp["img"], "w")
-    mask_file = h5py.File(tmp["mask"], "w")
-    try:
-        img_ds = mask_ds = None
-        frame = None
-        num_masks = 0
-        for i, sample in enumerate(samples):
-            if num_images is not None and i >= num_images:
-                break
-            image, masks, labels, boxes = _check_sample(i, *sample, frame=frame)
-            if img_ds is None:
-                frame = tuple(image.shape[1:])
-                img_ds, mask_ds = _create_h5_sets(img_file, mask_file, frame, num_images or 0)
-            if i >= img_ds.shape[0]:
-                img_ds.resize(i + 1, axis=0)
-            img_ds[i] = image
-            if len(masks):
-                mask_ds.resize(num_masks + len(masks), axis=0)
-                mask_ds[num_masks:] = masks
-                num_masks += len(masks)
-            label_list.append(labels)
-            box_list.append(boxes)
-        if img_ds is None:
-            img_ds, mask_ds = _create_h5_sets(img_file, mask_file, CIS680_IMAGE_SIZE, 0)
-        img_ds.resize(len(label_list), axis=0)  # fewer samples than num_images
-        img_file.close()
-        mask_file.close()
-        with open(tmp["labels"], "wb") as f:
-            np.save(f, _object_array(label_list), allow_pickle=True)
-        with open(tmp["bboxes"], "wb") as f:
-            np.save(f, _object_array(box_list), allow_pickle=True)
-        for key in paths:
-            os.replace(tmp[key], paths[key])
-    except BaseException:
-        img_file.close()
-        mask_file.close()
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-        raise
-    return paths
-
-
-def _create_h5_sets(img_file, mask_file, frame, num_images):
-    h, w = frame
-    img_ds = img_file.create_dataset(
-        "data",
-        shape=(num_images, 3, h, w),
-        maxshape=(None, 3, h, w),
-        dtype=np.uint8,
-        chunks=(1, 3, h, w),
-        compression="gzip",
-    )
-    mask_ds = mask_file.create_dataset(
-        "data",
-        shape=(0, h, w),
-        maxshape=(None, h, w),
-        dtype=np.uint8,
-        chunks=(1, h, w),
-        compression="gzip",
-    )
-    return img_ds, mask_ds
 
 
 def _h5_single_dataset(h5file: h5py.File, path: Path) -> h5py.Dataset:
@@ -1912,6 +1788,100 @@ def coco_to_cis680(
 
 
 # --------------------------------------------------------------------------------------------
+# The data of a config: what training, inference and the export read
+# --------------------------------------------------------------------------------------------
+
+
+def augmentation(cfg: Config):
+    """The training split's `dataset.TrainAugment` from the config; None when off (and in
+    --overfit, which fits the images as they are)."""
+    if not cfg.augment or cfg.overfit:
+        return None
+    return TrainAugment(
+        brightness=cfg.aug_color, contrast=cfg.aug_color, scale_range=tuple(cfg.aug_scale)
+    )
+
+
+def build_data(cfg: Config):
+    """(train_set, val_set) for the configured data; augmentation on the training part only."""
+    if cfg.data == "builtin":
+        source = str(
+            synthetic.ensure_builtin_dataset(num_images=cfg.num_images, seed=cfg.data_seed)
+        )
+    else:
+        source = cfg.data
+    train_set, val_set = build_datasets(
+        source,
+        cfg.coco_images or None,
+        size=tuple(cfg.input_size),
+        pad_to=cfg.pad_to,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.split_seed,
+        split=cfg.split_file or None,
+        augment=augmentation(cfg),
+        cis680_classes=cfg.cis680_classes,
+    )
+    cache = cfg.cache_data and cfg.num_workers == 0
+    if cfg.cache_data and not cache:
+        warnings.warn(
+            f"cache_data ignored with num_workers={cfg.num_workers}: each DataLoader worker "
+            "would fill a cache of its own and lose it after the epoch; use --num-workers 0",
+            stacklevel=2,
+        )
+    if cfg.overfit:
+        # The seeds' check before any long run: fit N training images, evaluate on them.
+        # The N images are repeated to an epoch of about the full training set's length, so
+        # the preset's epochs, schedule and time budget keep their meaning.
+        val_set = train_set.subset(list(range(min(cfg.overfit, len(train_set)))))
+        times = max(1, len(train_set) // len(val_set))
+        train_set = Repeated(CachedSamples(val_set) if cache else val_set, times)
+    elif cache:
+        train_set = CachedSamples(train_set)
+    return train_set, val_set
+
+
+class CachedSamples(Dataset):
+    """`dataset` with its preprocessed samples kept in memory after their first read.
+
+    The samples are cached before augmentation, which still runs on every read (with the same
+    random draws as without the cache, so a run gives the same numbers either way). Meant for
+    `num_workers=0`: a DataLoader worker would fill a copy of its own and lose it after the
+    epoch. Under torchrun every process fills its own cache, and as the distributed sampler
+    deals other samples every epoch, each ends up holding most of the training set.
+    """
+
+    def __init__(self, dataset):
+        self.augment = getattr(dataset, "augment", None)
+        self.dataset = without_augment(dataset)
+        self.class_names = dataset.class_names
+        self._samples: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = self._samples.get(i)
+        if sample is None:
+            sample = self._samples[i] = self.dataset[i]
+        return self.augment(sample) if self.augment is not None else sample
+
+
+class Repeated(Dataset):
+    """`dataset` repeated `times` times (the --overfit epochs)."""
+
+    def __init__(self, dataset, times: int):
+        self.dataset = dataset
+        self.times = times
+        self.class_names = dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, i: int):
+        return self.dataset[i % len(self.dataset)]
+
+
+# --------------------------------------------------------------------------------------------
 # Plotting helpers
 # --------------------------------------------------------------------------------------------
 
@@ -1994,13 +1964,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     else:
         prefix = args.cis680
         if prefix is None:
-            import synthetic
-
             prefix = synthetic.ensure_builtin_dataset()
         dataset = BuildDataset(prefix, size=cis_size)
     print(f"{len(dataset)} images, classes {dataset.class_names}")
-
-    import visualize
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,10 @@ import pycocotools.mask as mask_util
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+
+from config import Config
+from dataset import collate_fn, without_augment
 
 # --- config ------------------------------------------------------------------------------
 
@@ -283,6 +287,92 @@ def evaluate(
         evaluator.accumulate()
         evaluator.summarize()
     return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6], strict=True)}
+
+
+# --- a model over a data set --------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_batches(model, loader, device) -> list[tuple[dict, dict]]:
+    """[(meta, result)] for every image of `loader`; result = dict(masks (k,h0,w0) uint8,
+    labels (k,) int64, scores (k,) float32) on the CPU."""
+    model.eval()
+    out = []
+    for imgs, _, _, _, metas in loader:
+        results = model.predict(imgs.to(device), metas)
+        for meta, result in zip(metas, results, strict=True):
+            out.append((meta, {k: v.cpu() for k, v in result.items()}))
+    return out
+
+
+def data_loader(dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Batches of `dataset` in order (`dataset.collate_fn`), for inference."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+    )
+
+
+def image_ids_of(dataset) -> list[int]:
+    """The `meta["image_id"]` of every item: COCO ids, or indices into the CIS680 files."""
+    if hasattr(dataset, "image_ids"):
+        return [int(i) for i in dataset.image_ids]
+    return [int(i) for i in dataset.indices]
+
+
+def uses_coco_json(dataset) -> bool:
+    """COCO-format data with its own categories is scored against its json (crowd regions
+    included, as COCO does); everything else against truth built from the masks."""
+    return hasattr(dataset, "coco") and not getattr(dataset, "cis680_classes", False)
+
+
+def ground_truth_of(dataset):
+    """A pycocotools COCO ground truth for `dataset`, built from its masks at original size
+    (CIS680 data, LabelMe folders, and COCO data mapped onto the CIS680 classes), with the
+    data set's ignore regions (`ignore_mask`, e.g. LabelMe's "__ignore__" shapes) where it has
+    them: a detection there is neither a true nor a false positive."""
+    image_ids = image_ids_of(dataset)
+
+    def samples():
+        for i, image_id in enumerate(image_ids):
+            image, masks, labels, _ = dataset.raw(i)
+            yield image_id, tuple(image.shape[-2:]), np.asarray(masks), np.asarray(labels)
+
+    ignore_mask = getattr(dataset, "ignore_mask", None)
+    ignore = {}
+    if ignore_mask is not None:
+        for i, image_id in enumerate(image_ids):
+            region = ignore_mask(i)
+            if region is not None:
+                ignore[image_id] = region
+    return build_coco_gt(samples(), dataset.class_names, ignore_masks=ignore)
+
+
+def score(dataset, detections: list[dict]) -> dict:
+    """COCO mask AP of `detections` (from `detections_of`) on `dataset`."""
+    if uses_coco_json(dataset):
+        return evaluate(dataset.coco, detections, img_ids=image_ids_of(dataset))
+    return evaluate(ground_truth_of(dataset), detections, img_ids=image_ids_of(dataset))
+
+
+def evaluate_model(model, dataset, cfg: Config, device, batch_size: int | None = None) -> dict:
+    """COCO mask AP/AP50/AP75/APs/APm/APl of `model` on `dataset` (no augmentation)."""
+    if getattr(dataset, "augment", None) is not None:
+        dataset = without_augment(dataset)
+    loader = data_loader(dataset, batch_size or cfg.batch_size)
+    predictions = predict_batches(model, loader, device)
+    return score(dataset, detections_of(predictions, dataset))
+
+
+def detections_of(predictions, dataset=None) -> list[dict]:
+    """COCO results dicts; category ids are the json's for COCO-format data."""
+    mapping = dataset.label_to_cat_id if dataset is not None and uses_coco_json(dataset) else None
+    return results_to_coco(
+        [meta["image_id"] for meta, _ in predictions], [r for _, r in predictions], mapping
+    )
 
 
 def format_table(metrics: Mapping[str, float]) -> str:

@@ -85,11 +85,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
+import dataset as ds
 import postprocess
+import synthetic
 from config import Config, config_from_dict, config_to_dict
+from dataset import IMAGENET_MEAN, IMAGENET_STD, build_data, padded_size
+from decoupled_head import DecoupledSOLOHead
 from errors import ModelFileError
+from model import load_model
+from solov2_head import SOLOv2Head
 
 # --------------------------------------------------------------------------------------------
 # config
@@ -247,13 +254,9 @@ def graph_input(
     that returns it, at the largest size that fits (`fit_size`): its result then differs from
     the PyTorch path's at its own size.
     """
-    import torch.nn.functional as F
-
     H, W = frame
     Hi, Wi = img.shape[-2:]
     if Hi > H or Wi > W:
-        import dataset as ds
-
         if raw_image is None:
             raise ValueError(
                 f"{meta.get('file_name', 'image')}: padded size {(Hi, Wi)} does not fit the "
@@ -290,8 +293,6 @@ class InferenceGraph(nn.Module):
 
     def __init__(self, model: nn.Module, max_candidates: int, max_instances: int):
         super().__init__()
-        from decoupled_head import DecoupledSOLOHead
-        from solov2_head import SOLOv2Head
 
         self.model = model
         head = model.head
@@ -472,7 +473,7 @@ class OnnxSOLO:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
+        import onnxruntime as ort  # here: only an ONNX run needs it, and it is slow to load
 
         options = ort.SessionOptions()
         if threads:
@@ -556,9 +557,7 @@ def export_onnx(
     The metadata hold the config (with keep_instance = K), the class names and the settings a
     runner needs, as json strings under `metadata_props`.
     """
-    import onnx
-
-    from dataset import IMAGENET_MEAN, IMAGENET_STD, padded_size
+    import onnx  # here: only an export needs it, and it is slow to load
 
     head = model.head
     H, W = tuple(size) if size else padded_size(tuple(cfg.input_size), cfg.pad_to)
@@ -627,10 +626,6 @@ def check_samples(cfg: Config, count: int) -> tuple[str, list[tuple[Tensor, dict
     built-in set only when already generated), constructed images otherwise: synthetic.py's
     shapes on clutter, preprocessed to the config's input size.
     """
-    import dataset as ds
-    import synthetic
-    from main_train import build_data
-
     val = None
     builtin_ready = cfg.data != "builtin" or all(
         p.is_file()
@@ -768,8 +763,6 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.check_images < 1:
         parser.error("--check-images must be at least 1: the export is always checked")
-
-    from main_infer import load_model
 
     model, cfg, class_names = load_model(args.checkpoint, torch.device("cpu"))
     if args.max_instances is not None:

@@ -28,30 +28,31 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
+from PIL import Image
 
-from config import Config
-from errors import ModelFileError
+import dataset as ds
+from dataset import build_data, without_augment
+from evaluation import (
+    data_loader,
+    detections_of,
+    format_table,
+    predict_batches,
+    score,
+    write_results_json,
+)
+from export import OnnxSOLO
+from model import (
+    load_model,  # noqa: F401  (main_infer.load_model, as before)
+    resolve_device,
+)
+from visualize import draw_instances
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 # --------------------------------------------------------------------------------------------
 # running a model over data
 # --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict_batches(model, loader, device) -> list[tuple[dict, dict]]:
-    """[(meta, result)] for every image of `loader`; result = dict(masks (k,h0,w0) uint8,
-    labels (k,) int64, scores (k,) float32) on the CPU."""
-    model.eval()
-    out = []
-    for imgs, _, _, _, metas in loader:
-        results = model.predict(imgs.to(device), metas)
-        for meta, result in zip(metas, results, strict=True):
-            out.append((meta, {k: v.cpu() for k, v in result.items()}))
-    return out
 
 
 def predict_onnx(runner, dataset, source) -> list[tuple[dict, dict]]:
@@ -75,112 +76,9 @@ def predict_onnx(runner, dataset, source) -> list[tuple[dict, dict]]:
     return out
 
 
-def _loader(dataset, batch_size: int, num_workers: int = 0):
-    from torch.utils.data import DataLoader
-
-    import dataset as ds
-
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=ds.collate_fn,
-    )
-
-
-def image_ids_of(dataset) -> list[int]:
-    """The `meta["image_id"]` of every item: COCO ids, or indices into the CIS680 files."""
-    if hasattr(dataset, "image_ids"):
-        return [int(i) for i in dataset.image_ids]
-    return [int(i) for i in dataset.indices]
-
-
-def uses_coco_json(dataset) -> bool:
-    """COCO-format data with its own categories is scored against its json (crowd regions
-    included, as COCO does); everything else against truth built from the masks."""
-    return hasattr(dataset, "coco") and not getattr(dataset, "cis680_classes", False)
-
-
-def ground_truth_of(dataset):
-    """A pycocotools COCO ground truth for `dataset`, built from its masks at original size
-    (CIS680 data, LabelMe folders, and COCO data mapped onto the CIS680 classes), with the
-    data set's ignore regions (`ignore_mask`, e.g. LabelMe's "__ignore__" shapes) where it has
-    them: a detection there is neither a true nor a false positive."""
-    from evaluation import build_coco_gt
-
-    image_ids = image_ids_of(dataset)
-
-    def samples():
-        for i, image_id in enumerate(image_ids):
-            image, masks, labels, _ = dataset.raw(i)
-            yield image_id, tuple(image.shape[-2:]), np.asarray(masks), np.asarray(labels)
-
-    ignore_mask = getattr(dataset, "ignore_mask", None)
-    ignore = {}
-    if ignore_mask is not None:
-        for i, image_id in enumerate(image_ids):
-            region = ignore_mask(i)
-            if region is not None:
-                ignore[image_id] = region
-    return build_coco_gt(samples(), dataset.class_names, ignore_masks=ignore)
-
-
-def score(dataset, detections: list[dict]) -> dict:
-    """COCO mask AP of `detections` (from `detections_of`) on `dataset`."""
-    from evaluation import evaluate
-
-    if uses_coco_json(dataset):
-        return evaluate(dataset.coco, detections, img_ids=image_ids_of(dataset))
-    return evaluate(ground_truth_of(dataset), detections, img_ids=image_ids_of(dataset))
-
-
-def evaluate_model(model, dataset, cfg: Config, device, batch_size: int | None = None) -> dict:
-    """COCO mask AP/AP50/AP75/APs/APm/APl of `model` on `dataset` (no augmentation)."""
-    if getattr(dataset, "augment", None) is not None:
-        from dataset import without_augment
-
-        dataset = without_augment(dataset)
-    loader = _loader(dataset, batch_size or cfg.batch_size)
-    predictions = predict_batches(model, loader, device)
-    return score(dataset, detections_of(predictions, dataset))
-
-
-def detections_of(predictions, dataset=None) -> list[dict]:
-    """COCO results dicts; category ids are the json's for COCO-format data."""
-    from evaluation import results_to_coco
-
-    mapping = dataset.label_to_cat_id if dataset is not None and uses_coco_json(dataset) else None
-    return results_to_coco(
-        [meta["image_id"] for meta, _ in predictions], [r for _, r in predictions], mapping
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # loading a checkpoint and images
 # --------------------------------------------------------------------------------------------
-
-
-def load_model(checkpoint_path, device) -> tuple[torch.nn.Module, Config, tuple[str, ...]]:
-    """(model in eval mode, its config, class names) from a run folder or checkpoint file.
-
-    A file that is not one of ours, or whose weights do not fit the model its own config
-    builds, raises `errors.ModelFileError` (one line naming the file)."""
-    from model import build_model, config_of, load_checkpoint
-
-    checkpoint = load_checkpoint(checkpoint_path)
-    cfg = config_of(checkpoint)
-    class_names = tuple(checkpoint["class_names"])
-    model = build_model(cfg, num_classes=len(class_names))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError, AttributeError) as err:  # missing / unexpected / resized
-        what = " ".join(str(err).split())  # torch's several lines, as one
-        what = what if len(what) <= 300 else what[:297] + "..."
-        raise ModelFileError(
-            f"{checkpoint_path}: its weights do not fit the model its config builds: {what}"
-        ) from err
-    return model.to(device).eval(), cfg, class_names
 
 
 def list_images(paths: list[str]) -> list[Path]:
@@ -219,10 +117,6 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def load(self, i: int) -> torch.Tensor:
         """Image i as uint8 (3, h0, w0), decoded as the data sets do (16-bit scaled to 8)."""
-        from PIL import Image
-
-        import dataset as ds
-
         try:
             with Image.open(self.files[i]) as im:
                 array = ds.image_to_rgb8(im, self.files[i])
@@ -231,8 +125,6 @@ class ImageFiles(torch.utils.data.Dataset):
         return torch.from_numpy(array)
 
     def __getitem__(self, i: int):
-        import dataset as ds
-
         image = self.load(i)
         h0, w0 = image.shape[-2:]
         size = resize_shape(h0, w0, self.input_size)
@@ -250,8 +142,6 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def save_pictures(predictions, source, class_names, out_dir: Path, score_min: float) -> int:
     """One PNG per image: kept masks with score >= score_min over the original image."""
-    from visualize import draw_instances
-
     out_dir.mkdir(parents=True, exist_ok=True)
     for k, (meta, result) in enumerate(predictions):
         image = source(k)
@@ -286,12 +176,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--data", default=None, help="evaluate on other data than the run's")
     args = parser.parse_args(argv)
 
-    from evaluation import format_table, write_results_json
-    from main_train import build_data, resolve_device
-
     if args.onnx:
-        from export import OnnxSOLO
-
         runner = OnnxSOLO(args.onnx)
         cfg, class_names = runner.cfg, runner.class_names
         default_out = Path(args.onnx).parent / "inference_onnx"
@@ -312,7 +197,6 @@ def main(argv: list[str] | None = None):
     else:
         if args.data:
             cfg = replace(cfg, data=args.data)
-        from dataset import without_augment
 
         _, data = build_data(cfg)
         data = without_augment(data)
@@ -323,7 +207,7 @@ def main(argv: list[str] | None = None):
     if args.onnx:
         predictions = predict_onnx(runner, data, source)
     else:
-        predictions = predict_batches(model, _loader(data, args.batch_size), device)
+        predictions = predict_batches(model, data_loader(data, args.batch_size), device)
     detections = detections_of(predictions, None if args.images else data)
     write_results_json(out_dir / "results.json", detections)
     n_pics = len(predictions) if args.max_pictures == 0 else args.max_pictures

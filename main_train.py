@@ -36,16 +36,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader, DistributedSampler
 
+import dataset as ds
 from config import Config, add_config_args, config_from_args, config_to_dict
+from dataset import CachedSamples, Repeated, augmentation, build_data  # noqa: F401
 from errors import NonFiniteLossError  # noqa: F401  (main_train.NonFiniteLossError)
+from evaluation import evaluate_model, format_table
 
 # Checkpoint writing and reading live beside the model; their names stay importable from here.
 from model import (  # noqa: F401
     atomic_save,
+    build_model,
     config_of,
     load_checkpoint,
     remove_partial_saves,
+    resolve_device,
     rng_states,
     save_checkpoint,
     saved_epoch,
@@ -129,71 +136,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU")
-    return torch.device(name)
-
-
 # --------------------------------------------------------------------------------------------
 # data and model
 # --------------------------------------------------------------------------------------------
-
-
-def augmentation(cfg: Config):
-    """The training split's `dataset.TrainAugment` from the config; None when off (and in
-    --overfit, which fits the images as they are)."""
-    import dataset as ds
-
-    if not cfg.augment or cfg.overfit:
-        return None
-    return ds.TrainAugment(
-        brightness=cfg.aug_color, contrast=cfg.aug_color, scale_range=tuple(cfg.aug_scale)
-    )
-
-
-def build_data(cfg: Config):
-    """(train_set, val_set) for the configured data; augmentation on the training part only."""
-    import dataset as ds
-
-    if cfg.data == "builtin":
-        from synthetic import ensure_builtin_dataset
-
-        source = str(ensure_builtin_dataset(num_images=cfg.num_images, seed=cfg.data_seed))
-    else:
-        source = cfg.data
-    train_set, val_set = ds.build_datasets(
-        source,
-        cfg.coco_images or None,
-        size=tuple(cfg.input_size),
-        pad_to=cfg.pad_to,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.split_seed,
-        split=cfg.split_file or None,
-        augment=augmentation(cfg),
-        cis680_classes=cfg.cis680_classes,
-    )
-    cache = cfg.cache_data and cfg.num_workers == 0
-    if cfg.cache_data and not cache:
-        import warnings
-
-        warnings.warn(
-            f"cache_data ignored with num_workers={cfg.num_workers}: each DataLoader worker "
-            "would fill a cache of its own and lose it after the epoch; use --num-workers 0",
-            stacklevel=2,
-        )
-    if cfg.overfit:
-        # The seeds' check before any long run: fit N training images, evaluate on them.
-        # The N images are repeated to an epoch of about the full training set's length, so
-        # the preset's epochs, schedule and time budget keep their meaning.
-        val_set = train_set.subset(list(range(min(cfg.overfit, len(train_set)))))
-        times = max(1, len(train_set) // len(val_set))
-        train_set = Repeated(CachedSamples(val_set) if cache else val_set, times)
-    elif cache:
-        train_set = CachedSamples(train_set)
-    return train_set, val_set
 
 
 class BudgetProbe:
@@ -259,49 +204,6 @@ class BudgetProbe:
         return max(epochs_done, min(self.max_epochs, fit)) * self.iters_per_epoch
 
 
-class CachedSamples(torch.utils.data.Dataset):
-    """`dataset` with its preprocessed samples kept in memory after their first read.
-
-    The samples are cached before augmentation, which still runs on every read (with the same
-    random draws as without the cache, so a run gives the same numbers either way). Meant for
-    `num_workers=0`: a DataLoader worker would fill a copy of its own and lose it after the
-    epoch. Under torchrun every process fills its own cache, and as the distributed sampler
-    deals other samples every epoch, each ends up holding most of the training set.
-    """
-
-    def __init__(self, dataset):
-        import dataset as ds
-
-        self.augment = getattr(dataset, "augment", None)
-        self.dataset = ds.without_augment(dataset)
-        self.class_names = dataset.class_names
-        self._samples: dict[int, tuple] = {}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        sample = self._samples.get(i)
-        if sample is None:
-            sample = self._samples[i] = self.dataset[i]
-        return self.augment(sample) if self.augment is not None else sample
-
-
-class Repeated(torch.utils.data.Dataset):
-    """`dataset` repeated `times` times (the --overfit epochs)."""
-
-    def __init__(self, dataset, times: int):
-        self.dataset = dataset
-        self.times = times
-        self.class_names = dataset.class_names
-
-    def __len__(self) -> int:
-        return len(self.dataset) * self.times
-
-    def __getitem__(self, i: int):
-        return self.dataset[i % len(self.dataset)]
-
-
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     # No weight decay on norm layers and biases (standard for both SGD and AdamW recipes).
     # SOLOv2's dynamic-kernel output conv may take a smaller learning rate (`kernel_lr_mult`):
@@ -345,7 +247,6 @@ def write_loss_logs(run_dir: Path, history: list[dict], val_history: list[dict])
             writer.writerow(
                 [row["iter"], row["epoch"], *(f"{row[k]:.6f}" for k in LOSS_KEYS), row["lr"]]
             )
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 3.6))
     titles = {"total": "total loss", "cate": "focal (category) loss", "mask": "dice (mask) loss"}
@@ -374,7 +275,6 @@ def write_learning_curve(run_dir: Path, points: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(points[0]))
         writer.writeheader()
         writer.writerows(points)
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 3.6))
     ax = fig.add_subplot(1, 1, 1)
@@ -407,10 +307,6 @@ def _dist_info() -> tuple[int, int, int]:
 def make_loader(dataset, cfg: Config, epoch: int, shuffle: bool, rank: int, world: int):
     """A DataLoader whose order (and workers' augmentation seeds) depend only on seed and epoch,
     so a run resumed at epoch k sees exactly the batches of the run that never stopped."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    import dataset as ds
-
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     sampler = None
     if world > 1:
@@ -513,9 +409,6 @@ def train(cfg: Config, checkpoint: dict | None = None, stop_after_epoch: int | N
 def _train(cfg: Config, checkpoint: dict | None, stop_after_epoch: int | None, state: dict):
     """`train`'s body; `state` (the schedule's position, histories, and the run folder once
     chosen) is filled in as the run goes, so that an interruption can say where it stood."""
-    from main_infer import evaluate_model
-    from model import build_model
-
     rank, world, local_rank = _dist_info()
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
@@ -718,7 +611,6 @@ def _train(cfg: Config, checkpoint: dict | None, stop_after_epoch: int | None, s
             point = {"mark_min": round(minutes, 2), "iteration": state["iteration"], **metrics}
             state["ap_history"].append(point)
             write_learning_curve(run_dir, state["ap_history"])
-        from evaluation import format_table
 
         what = "training (overfit)" if cfg.overfit else "held-out"
         print(f"COCO mask AP on the {len(val_set)} {what} images:")
@@ -742,8 +634,6 @@ def _rank0_value(value: int, world: int, device) -> int:
 
 def _learning_curve_point(model, val_set, cfg, device, state, mark, is_main, run_dir) -> float:
     """Held-out AP now (a learning-curve point); returns the seconds it took."""
-    from main_infer import evaluate_model
-
     t0 = time.time()
     if is_main:
         metrics = evaluate_model(model, val_set, cfg, device)

@@ -121,6 +121,14 @@ class SOLOModel(nn.Module):
         return results
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
 def build_model(cfg: Config, num_classes: int) -> SOLOModel:
     """The model of `cfg` for `num_classes` object classes (background not counted)."""
     head = build_head(cfg, num_classes)
@@ -361,3 +369,23 @@ def load_checkpoint(path: str | Path) -> dict:
 def config_of(checkpoint: dict) -> Config:
     """The config a checkpoint was trained with."""
     return config_from_dict(checkpoint["config"])
+
+
+def load_model(checkpoint_path, device) -> tuple[torch.nn.Module, Config, tuple[str, ...]]:
+    """(model in eval mode, its config, class names) from a run folder or checkpoint file.
+
+    A file that is not one of ours, or whose weights do not fit the model its own config
+    builds, raises `errors.ModelFileError` (one line naming the file)."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    cfg = config_of(checkpoint)
+    class_names = tuple(checkpoint["class_names"])
+    model = build_model(cfg, num_classes=len(class_names))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError) as err:  # missing / unexpected / resized
+        what = " ".join(str(err).split())  # torch's several lines, as one
+        what = what if len(what) <= 300 else what[:297] + "..."
+        raise ModelFileError(
+            f"{checkpoint_path}: its weights do not fit the model its config builds: {what}"
+        ) from err
+    return model.to(device).eval(), cfg, class_names

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -52,7 +53,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import dataset
 import postprocess
+from config import MODEL_DEFAULTS, MODELS, PRESETS, preset
+from synthetic import ensure_builtin_dataset
+from visualize import draw_instances, plot_gt_levels
 
 # --------------------------------------------------------------------------------------------
 # config (hand-out 6.1.1 defaults; tuples, never lists)
@@ -955,8 +960,6 @@ class SOLOHead(nn.Module):
 
     def PlotInfer(self, img, result, class_names, title=None):
         """Predicted instances of one image (a `PostProcess` result) over it; a Figure."""
-        from visualize import draw_instances
-
         return draw_instances(
             img,
             result["masks"],
@@ -978,8 +981,6 @@ def plot_gt(img, lvl_ins_label, lvl_ins_ind_label, lvl_cate_label, class_names, 
     img (3, H, W) normalised; per level (P, 2Hf, 2Wf) / (S*S,) / (S, S) as `target_single_img`
     returns them; strides per level.
     """
-    from visualize import plot_gt_levels
-
     return plot_gt_levels(
         img, lvl_ins_label, lvl_ins_ind_label, lvl_cate_label, strides, class_names
     )
@@ -993,10 +994,6 @@ def plot_gt(img, lvl_ins_label, lvl_ins_ind_label, lvl_cate_label, class_names, 
 def main(argv: list[str] | None = None) -> list[Path]:
     """Save the per-level ground-truth plots of a few images (hand-out Part A); returns the
     paths of the PNGs."""
-    from dataclasses import replace
-
-    from config import MODEL_DEFAULTS, MODELS, PRESETS, preset
-
     parser = argparse.ArgumentParser(description="Plot SOLO targets per pyramid level.")
     parser.add_argument("--out", default="outputs/gt_levels", help="folder for the PNGs")
     parser.add_argument("--num", type=int, default=5, help="images to plot")
@@ -1032,13 +1029,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     model_cfg = replace(base, **MODEL_DEFAULTS.get(base.preset, {}).get(args.model, {}))
     size = tuple(args.size) if args.size else tuple(model_cfg.input_size)
 
-    import dataset
-
     if args.cis680:
         prefix = args.cis680
     else:
-        from synthetic import ensure_builtin_dataset
-
         prefix = ensure_builtin_dataset()
     data = dataset.BuildDataset(prefix, size=size)
     out = Path(args.out)

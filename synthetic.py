@@ -44,6 +44,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cis680_files import cis680_paths, write_cis680
+from safe_npy import read_npy
+
 try:  # file locks exist on POSIX only; elsewhere two concurrent first uses are not guarded
     import fcntl
 except ImportError:  # pragma: no cover
@@ -493,19 +496,17 @@ def ensure_builtin_dataset(
 ) -> Path:
     """The CIS680 file prefix of the built-in set, generated on first use, reused afterwards.
 
-    The four files are written by `dataset.write_cis680`, which renames them into place only
+    The four files are written by `cis680_files.write_cis680`, which renames them into place only
     when all are complete; a file lock makes a second process wait for the first one instead
     of generating the same set again.
     """
-    import dataset  # here, not at the top: dataset imports torch, the generator does not
-
     if num_images < 1:
         raise ValueError(f"ensure_builtin_dataset: num_images must be >= 1, got {num_images}")
     root = Path(root) if root is not None else default_data_root()
     prefix = builtin_prefix(root, num_images, seed)
 
     def complete() -> bool:
-        return all(Path(p).is_file() for p in dataset.cis680_paths(prefix).values())
+        return all(Path(p).is_file() for p in cis680_paths(prefix).values())
 
     if complete():
         return prefix
@@ -516,7 +517,7 @@ def ensure_builtin_dataset(
         if not complete():  # another process may have written it while we waited
             start = time.perf_counter()
             samples = iter_samples(num_images, seed, workers=workers)
-            dataset.write_cis680(prefix, samples, num_images=num_images)
+            write_cis680(prefix, samples, num_images=num_images)
             seconds = time.perf_counter() - start
             print(
                 f"built-in data: {num_images} images (seed {seed}) generated in "
@@ -543,11 +544,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--workers", type=int, default=None, help="processes (default: auto)")
     args = parser.parse_args(argv)
 
-    import dataset
-    from safe_npy import read_npy
-
     prefix = ensure_builtin_dataset(args.root, args.num, args.seed, workers=args.workers)
-    paths = dataset.cis680_paths(prefix)
+    paths = cis680_paths(prefix)
     img_labels = read_npy(paths["labels"], "labels")
     img_boxes = read_npy(paths["bboxes"], "bboxes")
     labels = np.concatenate([np.asarray(x, dtype=np.int64).reshape(-1) for x in img_labels])

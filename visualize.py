@@ -23,6 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+import synthetic
+
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
@@ -258,8 +260,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--start", type=int, default=0, help="first image index (default 0)")
     parser.add_argument("--out", default="outputs/synthetic_preview", help="output folder")
     args = parser.parse_args(argv)
-
-    import synthetic
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

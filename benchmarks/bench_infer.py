@@ -207,7 +207,7 @@ def build_solo_untrained(name: str, args, device: torch.device) -> Entry:
 
 
 def build_solo_checkpoint(path: str, device: torch.device) -> Entry:
-    from main_infer import load_model
+    from model import load_model
 
     model, cfg, _ = load_model(path, device)
     return Entry(cfg.model, model, path, describe(cfg))

@@ -4,7 +4,7 @@ Both models train from scratch on the same built-in data (the CPU preset's `buil
 same 80/20 split, the same augmentation, batch 8) for the same wall time, `--minutes` each
 (default 20), counted from the start of each model's training; the data set is generated
 once before either starts, so its generation counts for neither. Both are then scored with
-the same COCOeval (`main_infer.score`) on the same held-out split, and one table prints
+the same COCOeval (`evaluation.score`) on the same held-out split, and one table prints
 both APs.
 
 - SOLO: `main_train.train(replace(preset("cpu"), time_budget_min=minutes, out=DIR/solo))`,
@@ -43,7 +43,7 @@ both APs.
     falls back to float32 and says so (`--no-maskrcnn-bf16` asks for float32).
   Evaluation: eval mode, float32; each kept detection's mask probabilities (k, 1, h, w) at the
   input size are resized bilinearly to meta["orig_size"] and thresholded at 0.5 (the
-  order SOLO uses), then `evaluation.results_to_coco` / `main_infer.score`.
+  order SOLO uses), then `evaluation.results_to_coco` / `evaluation.score`.
 
 Run (2 x 20 minutes plus data generation and evaluation):
     python benchmarks/learning_vs_maskrcnn.py
@@ -388,11 +388,11 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 @torch.no_grad()
 def evaluate_maskrcnn(model, val_set, device, batch_size: int) -> dict:
-    """COCO mask AP of Mask R-CNN on `val_set`, scored exactly as SOLO's (main_infer.score)."""
+    """COCO mask AP of Mask R-CNN on `val_set`, scored exactly as SOLO's (evaluation.score)."""
     from torch.utils.data import DataLoader
 
     import dataset as ds
-    from main_infer import detections_of, score
+    from evaluation import detections_of, score
 
     if getattr(val_set, "augment", None) is not None:
         raise ValueError("learning_vs_maskrcnn: the held-out split must not be augmented")

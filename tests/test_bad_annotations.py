@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import dataset as D
-import main_infer
+import evaluation
 from evaluation import build_coco_gt, evaluate, results_to_coco
 
 H0, W0 = 20, 30  # source image size of every test image
@@ -140,7 +140,7 @@ def test_case_06_a_detection_on_a_labelme_ignore_region_costs_no_ap(tmp_path):
     metrics = {}
     for name, folder in (("with", with_ignore), ("without", without)):
         ds = D.LabelMeDataset(folder)
-        metrics[name] = main_infer.score(ds, main_infer.detections_of(predictions, ds))
+        metrics[name] = evaluation.score(ds, evaluation.detections_of(predictions, ds))
     assert metrics["with"]["AP"] == pytest.approx(1.0)
     assert metrics["without"]["AP"] == pytest.approx(0.5)
 
@@ -253,11 +253,11 @@ def test_case_06_a_detection_on_a_coco_ignore_region_costs_no_ap(tmp_path):
         prediction(0, [rect_mask(IGNORE), rect_mask(CAT)], [2, 1], [0.95, 0.9]),
         prediction(1, [rect_mask(dog)], [2], [0.9]),
     ]
-    detections = main_infer.detections_of(predictions, ds)
-    assert main_infer.uses_coco_json(ds)
-    assert main_infer.score(ds, detections)["AP"] == pytest.approx(1.0)
+    detections = evaluation.detections_of(predictions, ds)
+    assert evaluation.uses_coco_json(ds)
+    assert evaluation.score(ds, detections)["AP"] == pytest.approx(1.0)
     plain = [d for d in detections if d["score"] != pytest.approx(0.95)]
-    assert main_infer.score(ds, plain)["AP"] == pytest.approx(1.0)
+    assert evaluation.score(ds, plain)["AP"] == pytest.approx(1.0)
 
 
 def test_case_06_with_cis680_classes_the_conventions_break_nothing(tmp_path):
@@ -267,13 +267,13 @@ def test_case_06_with_cis680_classes_the_conventions_break_nothing(tmp_path):
     assert ds.class_names == D.CIS680_CLASSES
     assert [ds.raw(i)[2].tolist() for i in range(2)] == [[2], [3]]  # person, dog -> animal
     np.testing.assert_array_equal(ds.ignore_mask(0), rect_mask(IGNORE))
-    assert not main_infer.uses_coco_json(ds)  # scored against truth built from the masks
+    assert not evaluation.uses_coco_json(ds)  # scored against truth built from the masks
     dog = [(2, 12), (12, 18)]
     predictions = [
         prediction(0, [rect_mask(IGNORE), rect_mask(CAT)], [3, 2], [0.95, 0.9]),
         prediction(1, [rect_mask(dog)], [3], [0.9]),
     ]
-    metrics = main_infer.score(ds, main_infer.detections_of(predictions, ds))
+    metrics = evaluation.score(ds, evaluation.detections_of(predictions, ds))
     assert metrics["AP"] == pytest.approx(1.0)
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from test_train import TINY as TRAIN_TINY
 
 import dataset as ds
+import evaluation
 import main_infer
 from model import build_model
 from solo_head import image_frame
@@ -185,7 +186,7 @@ def test_case_09_one_pixel_image_gives_the_same_with_batch_size_1_and_2(name, tm
     Image.fromarray(rng_image(5, 64, 96)).save(tmp_path / "b_photo.png")
     data = main_infer.ImageFiles(sorted(tmp_path.iterdir()), TINY.input_size, TINY.pad_to)
     runs = [
-        main_infer.predict_batches(model, main_infer._loader(data, batch_size), "cpu")
+        evaluation.predict_batches(model, evaluation.data_loader(data, batch_size), "cpu")
         for batch_size in (1, 2)
     ]
     for (meta_1, result_1), (meta_2, result_2) in zip(*runs, strict=True):

@@ -160,13 +160,13 @@ def test_default_root_follows_env(monkeypatch, tmp_path):
 def test_ensure_builtin_dataset_writes_then_reuses(tmp_path, monkeypatch, capsys):
     dataset = _dataset_module()
     calls = []
-    write = dataset.write_cis680
+    write = synthetic.write_cis680  # cis680_files.write_cis680, as synthetic calls it
 
     def spy(*args, **kwargs):
         calls.append(args[0])
         return write(*args, **kwargs)
 
-    monkeypatch.setattr(dataset, "write_cis680", spy)
+    monkeypatch.setattr(synthetic, "write_cis680", spy)
     prefix = synthetic.ensure_builtin_dataset(tmp_path, num_images=6, seed=3)
     assert prefix == tmp_path / "builtin_v2_n6_s3" and len(calls) == 1
     paths = dataset.cis680_paths(prefix)

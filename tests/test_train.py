@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluation
 import main_infer
 import main_train
 import resume_train
@@ -125,13 +126,13 @@ def test_a_time_budget_may_end_the_last_epoch_early(data_root, tmp_path, monkeyp
 
 
 def test_learning_curve_has_a_point_per_mark_and_one_at_the_end(data_root, tmp_path, monkeypatch):
-    evaluate = main_infer.evaluate_model
+    evaluate = evaluation.evaluate_model
 
     def slow_evaluate(*args, **kwargs):  # every evaluation takes 3 s more
         time.sleep(3.0)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(main_infer, "evaluate_model", slow_evaluate)
+    monkeypatch.setattr(main_train, "evaluate_model", slow_evaluate)
     cfg = replace(TINY, epochs=1, eval_at_min=(0.0,), out=str(tmp_path / "run"))
     t0 = time.time()
     metrics = main_train.train(cfg)
