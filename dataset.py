@@ -629,6 +629,11 @@ class BuildDataset(Dataset):
             x1, y1, x2, y2 = box.T
             bad = ~np.isfinite(box).all(1) | (x1 < -t) | (y1 < -t) | (x2 > w + t) | (y2 > h + t)
             bad |= (x2 <= x1) | (y2 <= y1)
+            # Clipped to the image, a box within BOX_TOLERANCE past an edge keeps an area only
+            # if it covers some of the image (x1 = 8.5, x2 = 8.9 in an 8-wide image: none).
+            bad |= (np.minimum(x2, w) <= np.maximum(x1, 0)) | (
+                np.minimum(y2, h) <= np.maximum(y1, 0)
+            )
             if bad.any():
                 k = int(np.flatnonzero(bad)[0])
                 raise _fail(

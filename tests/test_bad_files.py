@@ -450,3 +450,15 @@ def test_case_07_projection_boxes_match_masks_to_boxes():
     expected = D.masks_to_boxes(torch.from_numpy(masks)).numpy()
     np.testing.assert_array_equal(expected[:2], [[0, 0, 0, 0], [6, 4, 7, 5]])
     np.testing.assert_array_equal(D._projection_boxes(masks), expected)
+
+
+def test_a_stored_box_outside_the_image_within_the_tolerance_is_refused(tmp_path):
+    # Found by tests/test_readers_property.py: clipped to the 8-wide image, [8.5, 1, 8.9, 3]
+    # had no width left and became the box [8, 1, 8, 3].
+    masks = np.zeros((1, 6, 8), np.uint8)
+    masks[0, 1:3, 6:8] = 1
+    image = np.zeros((3, 6, 8), np.uint8)
+    sample = (image, masks, np.array([1]), np.array([[8.5, 1, 8.9, 3]], np.float32))
+    D.write_cis680(tmp_path / "s", [sample])
+    with pytest.raises(D.DataError, match=r"bboxes_comp_zlib\.npy: box 0 of image 0 is \[8\.5"):
+        D.BuildDataset(tmp_path / "s", size=(6, 8))

@@ -90,8 +90,8 @@ def check_sample(sample: tuple, num_classes: int, pad_to: int) -> None:
         assert masks.max() <= 1 and masks.flatten(1).any(dim=1).all()  # binary, non-empty
         assert torch.isfinite(boxes).all()
         x1, y1, x2, y2 = boxes.unbind(1)
-        assert (0 <= x1).all() and (x1 <= x2).all() and (x2 <= w).all()
-        assert (0 <= y1).all() and (y1 <= y2).all() and (y2 <= h).all()
+        assert (0 <= x1).all() and (x1 < x2).all() and (x2 <= w).all()
+        assert (0 <= y1).all() and (y1 < y2).all() and (y2 <= h).all()
 
 
 def check_ignore(data, i: int) -> None:
