@@ -1217,7 +1217,8 @@ class CocoDataset(Dataset):
         image_id = self.image_ids[i]
         if not self._ignore[image_id]:
             return None
-        h0, w0 = self._read_image(self.coco.imgs[image_id]).shape[1:]
+        info = self.coco.imgs[image_id]
+        h0, w0 = info["height"], info["width"]  # checked against the image file when read
         region = np.zeros((h0, w0), dtype=np.uint8)
         for ann in self._ignore[image_id]:
             region |= _decode_annotation(ann, h0, w0, self.json_path)
@@ -1490,7 +1491,9 @@ class LabelMeDataset(Dataset):
         file = self.files[self.indices[i]]
         if not file.ignore:
             return None
-        h0, w0 = self._read_image(file).shape[1:]
+        # The json's stated size is checked against the image when it is read; only a json
+        # that states none makes us decode the image for its size.
+        h0, w0 = file.size if file.size is not None else self._read_image(file).shape[1:]
         polygons = [list(p) for group in file.ignore for p in group]
         region = decode_segmentation(polygons, h0, w0)
         return region if region.any() else None
