@@ -88,9 +88,10 @@ def free_run_number(out: str | Path) -> int:
     return number
 
 
-def checkpoint_note(path: str | Path) -> str:
-    """For messages: `last checkpoint: PATH (epoch M)`, or that none was written yet."""
-    epoch = saved_epoch(path)
+def checkpoint_note(path: str | Path, epoch: int | None = None) -> str:
+    """For messages: `last checkpoint: PATH (epoch M)`, or that none was written yet; `epoch`
+    when the caller has read it already (`saved_epoch`)."""
+    epoch = saved_epoch(path) if epoch is None else epoch
     if epoch is None:
         return "no checkpoint was written yet"
     return f"last checkpoint: {path} (epoch {epoch})"
@@ -105,8 +106,9 @@ def interrupted_message(state: dict) -> str:
         where = "during the final evaluation"
     else:
         where = f"at epoch {state['epoch'] + 1}, iteration {state['iteration']}"
-    message = f"interrupted {where}; {checkpoint_note(run_dir / 'last.pt')}"
-    if saved_epoch(run_dir / "last.pt") is not None:
+    epoch = saved_epoch(run_dir / "last.pt")  # read once: it maps the whole checkpoint
+    message = f"interrupted {where}; {checkpoint_note(run_dir / 'last.pt', epoch)}"
+    if epoch is not None:
         message += f"; continue with `python resume_train.py {run_dir}`"
     return message
 

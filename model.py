@@ -84,16 +84,14 @@ class SOLOModel(nn.Module):
         return {k: losses[k] for k in ("total", "cate", "mask")}
 
     @torch.no_grad()
-    def predict(
-        self, images: Tensor, metas: list[dict] | None = None, pad_to: int | None = None
-    ) -> list[dict[str, Tensor]]:
+    def predict(self, images: Tensor, metas: list[dict] | None = None) -> list[dict[str, Tensor]]:
         """Instances per image: dict(masks (k, h0, w0) uint8, labels (k,) in 1..C, scores (k,)).
 
         metas (from the data set) give each image's input and original size; without them the
-        masks stay at the padded size. pad_to: the data's `Config.pad_to` (default: the model's).
+        masks stay at the padded size.
 
         An image's result does not depend on the rest of its batch: each image is run in its
-        own frame (`solo_head.image_frame`: its input size padded to pad_to, the tensor the
+        own frame (`solo_head.image_frame`: its input size padded to `self.pad_to`, the tensor the
         data set gave it before `collate_fn` padded it to the batch's largest image), and the
         images that share a frame run together. In the batch's frame the network would see
         the extra zero padding as image: the S x S category grids and the CoordConv
@@ -105,8 +103,7 @@ class SOLOModel(nn.Module):
         either side, as between two thread counts (export.py, "Knife edges").
         """
         B, _, H, W = images.shape
-        pad_to = self.pad_to if pad_to is None else pad_to
-        frames = [image_frame(metas[b] if metas else None, (H, W), pad_to) for b in range(B)]
+        frames = [image_frame(metas[b] if metas else None, (H, W), self.pad_to) for b in range(B)]
         results: list[dict[str, Tensor] | None] = [None] * B
         for frame in dict.fromkeys(frames):  # distinct frames, in order of appearance
             idx = [b for b in range(B) if frames[b] == frame]
