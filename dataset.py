@@ -66,7 +66,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -926,6 +926,31 @@ def _decode_annotation(ann: dict, height: int, width: int, json_path: Path) -> n
         ) from exc
 
 
+def crowd_annotations(
+    rle: dict, image_id: int, category_ids: Iterable[int], first_id: int
+) -> list[dict]:
+    """An ignore region (RLE with str counts) as COCO `iscrowd: 1` annotations, one per
+    category, ids from `first_id`. COCOeval matches a crowd region only with detections of its
+    own category, so one copy per category makes the region class-agnostic: a detection of any
+    class on it (crowd IoU = intersection / detection area) is neither a true nor a false
+    positive, and a crowd region is never a missed object. Used for the COCO json's ignore
+    annotations here and for `evaluation.build_coco_gt`'s ignore masks."""
+    area = float(mask_utils.area(rle))
+    box = [float(v) for v in mask_utils.toBbox(rle)]
+    return [
+        {
+            "id": first_id + k,
+            "image_id": int(image_id),
+            "category_id": int(category_id),
+            "segmentation": rle,
+            "area": area,
+            "bbox": box,
+            "iscrowd": 1,
+        }
+        for k, category_id in enumerate(category_ids)
+    ]
+
+
 def _coco_ground_truth(
     data: dict, cats: list[dict], checked: set, ignore: dict[int, list[dict]]
 ) -> COCO:
@@ -964,21 +989,9 @@ def _coco_ground_truth(
                 "size": [int(v) for v in rle["size"]],
                 "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
             }
-            area = float(mask_utils.area(rle))
-            box = [float(v) for v in mask_utils.toBbox(rle)]
-            for cat in cats:
-                anns.append(
-                    {
-                        "id": next_id,
-                        "image_id": image_id,
-                        "category_id": cat["id"],
-                        "segmentation": rle,
-                        "area": area,
-                        "bbox": box,
-                        "iscrowd": 1,
-                    }
-                )
-                next_id += 1
+            crowd = crowd_annotations(rle, image_id, [c["id"] for c in cats], next_id)
+            anns += crowd
+            next_id += len(crowd)
     coco = COCO()
     coco.dataset = {**data, "categories": list(cats), "annotations": anns}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

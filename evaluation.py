@@ -32,7 +32,7 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
 from config import Config
-from dataset import collate_fn, without_augment
+from dataset import collate_fn, crowd_annotations, without_augment
 
 # --- config ------------------------------------------------------------------------------
 
@@ -192,25 +192,10 @@ def build_coco_gt(
             )
         if not region.any():
             continue
-        # COCOeval matches a crowd region only with detections of the region's category, so
-        # one copy per category makes the region class-agnostic: a detection of any class that
-        # lies on it (crowd IoU = intersection / detection area) is ignored, neither true nor
-        # false positive; a crowd region is never a missed object either.
         (rle,) = encode_masks(region[None])
-        (box,) = _bboxes([rle])
-        area = float(mask_util.area([rle])[0])
-        for category_id in range(1, num_classes + 1):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": int(image_id),
-                    "category_id": category_id,
-                    "segmentation": rle,
-                    "area": area,
-                    "bbox": box,
-                    "iscrowd": 1,
-                }
-            )
+        annotations += crowd_annotations(
+            rle, image_id, range(1, num_classes + 1), len(annotations) + 1
+        )
     if ignore_masks:
         raise ValueError(
             f"build_coco_gt: ignore masks of image ids {sorted(ignore_masks)[:5]} that no "
