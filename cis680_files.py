@@ -9,6 +9,7 @@
 `write_cis680` writes such files (the built-in data set, `dataset.coco_to_cis680`);
 `dataset.BuildDataset` reads them, with `safe_npy.read_npy` for the two .npy files. Only
 numpy and h5py: the generator in synthetic.py writes through this without importing torch.
+`CIS680_CLASSES` names the class ids 1..3 for every module that uses them.
 
 Shape legend: N images, M instances of the whole file, n_i instances of image i.
 """
@@ -26,6 +27,7 @@ import numpy as np
 from errors import data_error as _fail
 
 CIS680_IMAGE_SIZE = (300, 400)  # (h, w) of the hand-out's images
+CIS680_CLASSES = ("vehicle", "person", "animal")  # class ids 1, 2, 3 (hand-out sec. 4.1)
 
 
 def cis680_paths(prefix: str | Path) -> dict[str, Path]:

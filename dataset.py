@@ -1,8 +1,9 @@
-"""Data sets, preprocessing, augmentation and loaders for SOLO (CIS680 hand-out, section 4).
+"""Data sets, augmentation and loaders for SOLO (CIS680 hand-out, section 4): a path -> samples.
 
-Three sources give the same samples:
+Three sources give the same samples, the contract that `samples.SampleDataset` states (a
+5-tuple `(img, labels, masks, boxes, meta)`, `.class_names`, `subset`, `num_instances`, ...):
 
-* CIS680 files (the hand-out's format), read by `BuildDataset(prefix)`:
+* CIS680 files (the hand-out's format), read by `BuildDataset(prefix)`, here:
   `{prefix}_img_comp_zlib.h5`    one HDF5 data set (N, 3, 300, 400) uint8, the images;
   `{prefix}_mask_comp_zlib.h5`   one HDF5 data set (M, 300, 400), every instance mask of every
                                  image, concatenated in image order;
@@ -12,35 +13,17 @@ Three sources give the same samples:
   "use the labels list to figure out which mask belongs to which image").
   `write_cis680` writes such files; `coco_to_cis680` makes them from any COCO subset.
 * COCO-format json + image folder (COCO itself, LabelMe's COCO export and most labelling
-  tools), read by `CocoDataset(json_path, image_dir)`.
+  tools), read by `CocoDataset(json_path, image_dir)` (coco_data.py).
 * A folder of LabelMe annotations (one json per image, polygon / rectangle / circle shapes,
   `imagePath` relative to the json or the image embedded as `imageData`), read by
-  `LabelMeDataset(folder)`; label names become classes 1..C in sorted order.
+  `LabelMeDataset(folder)` (labelme_data.py); label names become classes 1..C in sorted order.
 `build_datasets(data, ...)` picks the source from `data`: a path ending in .json is COCO, a
-folder is LabelMe, anything else a CIS680 prefix.
-
-Output contract (the project's stable interface; other modules rely on it)
---------------------------------------------------------------------------
-A data set item is a 5-tuple `(img, labels, masks, boxes, meta)`:
-  img     float32 (3, H, W)  scaled to [0, 1], resized (bilinear `F.interpolate`), normalised
-                             with IMAGENET_MEAN / IMAGENET_STD, zero-padded at the bottom/right
-                             to H x W, multiples of `pad_to` (CIS680 default: 800 x 1066 resize,
-                             800 x 1088 padded, as the hand-out asks).
-  labels  int64 (N,)         class ids 1..C (0 is background and never appears).
-  masks   uint8 (N, H, W)    values {0, 1}, same padded frame as img.
-  boxes   float32 (N, 4)     x1 y1 x2 y2 in padded-input pixels.
-  meta    dict               "image_id" int, "orig_size" (h0, w0), "input_size" (h, w) of the
-                             resized image before padding, "scale" (sy, sx) with
-                             h = round(h0 * sy), w = round(w0 * sx), "file_name" str (the image
-                             file, or "<h5 file>#<index>"); augmented samples add "augment".
-N may be 0: labels (0,), masks (0, H, W), boxes (0, 4). `.class_names` is a tuple of C names
-for ids 1..C (CIS680: ("vehicle", "person", "animal"); LabelMe: the sorted label names).
-`collate_fn` pads images and masks of a batch at the bottom/right to the largest H and W and
-returns `(imgs (B, 3, H, W), label_list, mask_list, box_list, meta_list)`.
-
-Box-from-mask convention (`masks_to_boxes`, the one place it lives): x1 = first column,
-y1 = first row, x2 = last column + 1, y2 = last row + 1, i.e. pixel edges, so a mask of one
-pixel at (row 5, col 7) has the box (7, 5, 8, 6) and box width = number of columns covered.
+folder is LabelMe, anything else a CIS680 prefix; `build_data(cfg)` is what training,
+inference and the export call. `TrainAugment` augments a training sample; `collate_fn` pads
+the images and masks of a batch at the bottom/right to the largest H and W and returns
+`(imgs (B, 3, H, W), label_list, mask_list, box_list, meta_list)`. Boxes of masks follow
+`conventions.masks_to_boxes` (pixel edges). The names the readers' modules define stay
+importable from here (`dataset.CocoDataset`, `dataset.preprocess`, ...).
 
 Run:
   python dataset.py                               # built-in data, 5 pictures to outputs/...
@@ -57,17 +40,10 @@ without background, H x W padded input, h x w resized input before padding, h0 x
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import contextlib
-import copy
-import io
 import json
-import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,40 +52,52 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF2
 
 import synthetic
 import visualize
-from cis680_files import CIS680_IMAGE_SIZE, cis680_paths, write_cis680  # noqa: F401
+from cis680_files import CIS680_CLASSES, CIS680_IMAGE_SIZE, cis680_paths, write_cis680
+from coco_data import (  # noqa: F401  (and the names it defines, as `dataset.X` as before)
+    COCO_TO_CIS680,
+    NOT_CLASSES,
+    CocoDataset,
+    crowd_annotations,
+    decode_segmentation,
+)
 from config import Config
+from conventions import IMAGENET_MEAN, IMAGENET_STD, masks_to_boxes
 from errors import DataError  # noqa: F401  (dataset.DataError, as callers have always used it)
 from errors import data_error as _fail
+from labelme_data import (  # noqa: F401  (and the names it defines, as `dataset.X` as before)
+    LABELME_SHAPE_POINTS,
+    LabelMeDataset,
+    LabelMeFile,
+    circle_polygon,
+    read_labelme,
+)
 from safe_npy import read_npy
+from samples import (  # noqa: F401  (the contract's helpers, as `dataset.X` as before)
+    BOX_TOLERANCE,
+    IGNORE_LABEL,
+    MAX_COORDINATE,
+    PhotoDataset,
+    SampleDataset,
+    coco_input_size,
+    image_to_rgb8,
+    padded_size,
+    preprocess,
+    resize_image,
+    resize_masks,
+    without_augment,
+)
 
 # --------------------------------------------------------------------------------------------
-# Config: constants of the hand-out and of COCO
+# Config: constants of the hand-out
 # --------------------------------------------------------------------------------------------
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # hand-out section 4.3 (ImageNet statistics)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIS680_CLASSES = ("vehicle", "person", "animal")  # ids 1, 2, 3
 CIS680_INPUT_SIZE = (800, 1066)  # hand-out resize target, padded to 800 x 1088
-
-_VEHICLES = ("bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat")
-_ANIMALS = tuple("bird cat dog horse sheep cow elephant bear zebra giraffe".split())
-# COCO category name -> CIS680 class id (1 vehicle, 2 person, 3 animal); others are dropped.
-COCO_TO_CIS680: dict[str, int] = {
-    **{name: 1 for name in _VEHICLES},
-    "person": 2,
-    **{name: 3 for name in _ANIMALS},
-}
-
-BOX_TOLERANCE = 1.0  # pixels a stored box may reach past the image border before it is an error
 MASK_CHECK_CHUNK = 256  # masks read at a time when BuildDataset checks that none is empty
 # Least IoU between a CIS680 mask's tight box and the box stored for it, both grown by
 # BOX_TOLERANCE on every side. A mask and its own box describe one object and nearly coincide:
@@ -119,135 +107,10 @@ MASK_CHECK_CHUNK = 256  # masks read at a time when BuildDataset checks that non
 # the next instance or image lies on another object: IoU >= 0.5 for under 2 % of such rows in
 # both sets. 0.5 is also the usual "same object" bound of detection matching (VOC, COCO AP50).
 MASK_BOX_MIN_IOU = 0.5
-# LabelMe shapes with an area, and the points each takes (LabelMe's own meaning of them)
-LABELME_SHAPE_POINTS = {
-    "polygon": "at least 3 points",
-    "rectangle": "2 points (two opposite corners)",
-    "circle": "2 points (the centre and a point on the circle)",
-}
-# LabelMe's ignore convention (its instance-segmentation example): shapes with this label are
-# regions where a detection is neither a true nor a false positive, as COCO's crowd regions.
-IGNORE_LABEL = "__ignore__"
-# COCO categories that are no class: labelme2coco writes "_background_" (id 0) and the
-# ignore label as categories. "_background_" annotations are dropped, "__ignore__" ones
-# become ignore regions.
-NOT_CLASSES = ("_background_", IGNORE_LABEL)
-# Largest |coordinate| of a polygon or shape point, pixels: the polygon rasteriser's work and
-# memory grow with the coordinates (a circle of radius 1e12 would never finish).
-MAX_COORDINATE = 100_000
-
 
 # --------------------------------------------------------------------------------------------
-# Pure functions: boxes, resizing, preprocessing, splits
+# Pure functions: letterbox, splits
 # --------------------------------------------------------------------------------------------
-
-
-def masks_to_boxes(masks: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """Tight boxes of masks (N, H, W) -> (N, 4) float32 x1 y1 x2 y2, same type as the input.
-
-    x1 = first nonzero column, y1 = first nonzero row, x2 = last column + 1, y2 = last row + 1
-    (pixel edges; see the module docstring). An empty mask gives (0, 0, 0, 0).
-    """
-    is_numpy = isinstance(masks, np.ndarray)
-    nonzero = torch.as_tensor(masks) != 0  # (N, H, W) bool
-    N, H, W = nonzero.shape
-    boxes = torch.zeros((N, 4), dtype=torch.float32)
-    if N > 0:
-        rows = nonzero.any(dim=2)  # (N, H): row holds a mask pixel
-        cols = nonzero.any(dim=1)  # (N, W)
-        row_idx = torch.arange(H)
-        col_idx = torch.arange(W)
-        boxes[:, 0] = torch.where(cols, col_idx, W).amin(dim=1).float()
-        boxes[:, 1] = torch.where(rows, row_idx, H).amin(dim=1).float()
-        boxes[:, 2] = torch.where(cols, col_idx, -1).amax(dim=1).float() + 1
-        boxes[:, 3] = torch.where(rows, row_idx, -1).amax(dim=1).float() + 1
-        boxes[~rows.any(dim=1)] = 0
-    return boxes.numpy() if is_numpy else boxes
-
-
-def padded_size(size: tuple[int, int], pad_to: int | None) -> tuple[int, int]:
-    """(h, w) rounded up to multiples of pad_to (no change for pad_to None or 1)."""
-    h, w = size
-    if not pad_to or pad_to <= 1:
-        return int(h), int(w)
-    return int(math.ceil(h / pad_to) * pad_to), int(math.ceil(w / pad_to) * pad_to)
-
-
-def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Binary masks (N, h0, w0) -> uint8 (N, h, w) in {0, 1}: bilinear, then >= 0.5.
-
-    Downscaling can erase a thin object (plain bilinear even skips source pixels); such a mask
-    keeps the pixels where its antialiased (area-weighted) resize peaks, so an instance is
-    never lost.
-    """
-    N, h0, w0 = masks.shape
-    if N == 0:
-        return torch.zeros((0, *size), dtype=torch.uint8)
-    if (h0, w0) == tuple(size):
-        return (masks >= 0.5).to(torch.uint8)
-    masks = masks.float()
-    soft = F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0]
-    binary = soft >= 0.5  # (N, h, w)
-    lost = ~binary.flatten(1).any(dim=1) & (masks.flatten(1) >= 0.5).any(dim=1)
-    if lost.any():
-        smooth = F.interpolate(
-            masks[lost][None], size=size, mode="bilinear", align_corners=False, antialias=True
-        )[0]
-        peak = smooth.flatten(1).amax(dim=1)  # (n_lost,)
-        binary[lost] = smooth >= peak[:, None, None]
-    return binary.to(torch.uint8)
-
-
-def resize_image(
-    image: torch.Tensor, size: tuple[int, int], antialias: bool = False
-) -> torch.Tensor:
-    """uint8 or float image (3, h0, w0) -> float32 (3, h, w) in [0, 1], bilinear."""
-    img = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-    if tuple(img.shape[-2:]) == tuple(size):
-        return img
-    return F.interpolate(
-        img[None], size=size, mode="bilinear", align_corners=False, antialias=antialias
-    )[0].clamp_(0.0, 1.0)
-
-
-def preprocess(
-    image: torch.Tensor | np.ndarray,
-    masks: torch.Tensor | np.ndarray,
-    boxes: torch.Tensor | np.ndarray,
-    size: tuple[int, int],
-    pad_to: int | None = 32,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, tuple]]:
-    """The hand-out's preprocessing of one image and its instances.
-
-    image uint8 (3, h0, w0); masks (N, h0, w0) {0, 1}; boxes (N, 4) x1 y1 x2 y2 source pixels;
-    size (h, w) resize target. Steps: scale to [0, 1]; bilinear `F.interpolate` to (h, w);
-    normalise with ImageNet mean/std; zero-pad bottom/right to multiples of pad_to.
-    Returns img float32 (3, H, W), masks uint8 (N, H, W), boxes float32 (N, 4) scaled by
-    (sx, sy) and clipped to the image, and meta parts {"orig_size", "input_size", "scale"}.
-    """
-    image = torch.as_tensor(image)
-    masks = torch.as_tensor(masks)
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    h0, w0 = image.shape[-2:]
-    h, w = int(size[0]), int(size[1])
-    H, W = padded_size((h, w), pad_to)
-    sy, sx = h / h0, w / w0
-
-    img = TF.normalize(resize_image(image, (h, w)), IMAGENET_MEAN, IMAGENET_STD)
-    img = F.pad(img, (0, W - w, 0, H - h))  # zero-pad right and bottom
-    out_masks = F.pad(resize_masks(masks, (h, w)), (0, W - w, 0, H - h))
-    out_boxes = boxes * torch.tensor([sx, sy, sx, sy])
-    out_boxes[:, 0::2] = out_boxes[:, 0::2].clamp(0, w)
-    out_boxes[:, 1::2] = out_boxes[:, 1::2].clamp(0, h)
-    meta = {"orig_size": (int(h0), int(w0)), "input_size": (h, w), "scale": (sy, sx)}
-    return img.contiguous(), out_masks.contiguous(), out_boxes, meta
-
-
-def coco_input_size(orig_size: tuple[int, int], short_side: int, max_side: int) -> tuple[int, int]:
-    """Aspect-kept resize: short side to short_side unless the long side would pass max_side."""
-    h0, w0 = orig_size
-    scale = min(short_side / min(h0, w0), max_side / max(h0, w0))
-    return max(1, round(h0 * scale)), max(1, round(w0 * scale))
 
 
 def letterbox(
@@ -433,57 +296,6 @@ def _paired_box_iou(a: np.ndarray, b: np.ndarray, grow: float = 0.0) -> np.ndarr
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0).astype(np.float32)
 
 
-def _projection_boxes(masks: np.ndarray) -> np.ndarray:
-    """`masks_to_boxes` of bool masks (n, h, w), from their row and column projections in
-    numpy -> (n, 4) float32, same pixel-edge convention, (0, 0, 0, 0) for an empty mask. The
-    construction-time pass over every mask uses it: 3 ms per 256 masks of 300 x 400, where
-    the torch version's elementwise `!= 0` alone takes 200 ms."""
-    n, h, w = masks.shape
-    rows = masks.any(axis=2)  # (n, h): row holds a mask pixel
-    cols = masks.any(axis=1)  # (n, w)
-    boxes = np.zeros((n, 4), dtype=np.float32)
-    boxes[:, 0] = cols.argmax(axis=1)  # first True
-    boxes[:, 1] = rows.argmax(axis=1)
-    boxes[:, 2] = w - cols[:, ::-1].argmax(axis=1)  # last True + 1
-    boxes[:, 3] = h - rows[:, ::-1].argmax(axis=1)
-    boxes[~rows.any(axis=1)] = 0
-    return boxes
-
-
-def image_to_rgb8(image: Image.Image, where: Any) -> np.ndarray:
-    """A PIL image -> uint8 (3, h0, w0) RGB: how every reader (COCO, LabelMe, main_infer's
-    image files) decodes a picture.
-
-    16-bit grayscale (modes I;16, I;16B, I;16L, I;16N, and I holding 0..65535) is scaled to
-    8 bits, round(value * 255 / 65535), where PIL's convert("RGB") would clip it to a white
-    image; float grayscale (mode F) from [0, 1] or [0, 255] likewise. Every other mode goes
-    through convert("RGB") (PIL itself opens 16-bit RGB PNGs as 8-bit RGB). Values outside
-    those ranges raise DataError naming `where`, the image's file.
-    """
-    mode = image.mode
-    if mode.startswith("I"):
-        values = np.asarray(image).astype(np.int64)  # I;16*: uint16 (either byte order); I: int32
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            found = f"holds {values.min()}..{values.max()}"
-            raise _fail(where, f"image (mode {mode})", found, "16-bit values 0..65535")
-        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)  # rounded, half up
-    elif mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise _fail(where, "image (mode F)", "holds NaN or infinity", "finite values")
-        high = values.max(initial=0.0)
-        if values.size and (values.min() < 0 or high > 255):
-            found = f"holds {values.min():g}..{high:g}"
-            raise _fail(where, "image (mode F)", found, "values in [0, 1] or [0, 255]")
-        gray = np.round(values * 255 if high <= 1 else values).astype(np.uint8)
-    else:
-        rgb = np.asarray(image.convert("RGB"))  # grayscale, palette, RGBA, CMYK -> RGB
-        # (h0, w0, 3) -> (3, h0, w0); np.array copies always: PIL's array is read-only, and a
-        # transpose of a 1-pixel-wide image is already contiguous
-        return np.array(rgb.transpose(2, 0, 1), order="C")
-    return np.array(np.broadcast_to(gray, (3, *gray.shape)), order="C")  # gray -> 3 channels
-
-
 def _box_text(box: np.ndarray) -> str:
     return "[" + ", ".join(f"{v:g}" for v in np.round(box.astype(np.float64), 1)) + "]"
 
@@ -493,8 +305,8 @@ def _box_text(box: np.ndarray) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class BuildDataset(Dataset):
-    """The hand-out's data set over CIS680 files (see the module docstring for the contract).
+class BuildDataset(SampleDataset):
+    """The hand-out's data set over CIS680 files, in the sample contract (`samples.py`).
 
     prefix: CIS680 prefix (see `cis680_paths`); size: (h, w) resize target, the hand-out's
     800 x 1066; pad_to: padded size = size rounded up to multiples of it (800 x 1088);
@@ -569,22 +381,23 @@ class BuildDataset(Dataset):
         self.check_masks = check_masks
         if check_masks:
             self._check_all_masks()
-        all_idx = range(self.num_images)
-        self.indices = list(all_idx) if indices is None else [int(i) for i in indices]
-        bad = [i for i in self.indices if not 0 <= i < self.num_images]
-        if bad:
-            raise _fail(img_path, "indices", f"include {bad[:5]}", f"0..{self.num_images - 1}")
+        self._set_indices(indices, self.num_images, img_path)
 
     # -- construction-time checks -----------------------------------------------------------
-    def _load_labels(self, path: Path) -> list[np.ndarray]:
-        items = _load_object_npy(path, "labels")
+    def _per_image_entries(self, path: Path, field: str) -> list[np.ndarray]:
+        """The entries of the labels or bboxes file, checked to be one per image."""
+        items = _load_object_npy(path, field)
         if len(items) != self.num_images:
             raise _fail(
                 path,
-                "labels",
+                field,
                 f"cover {len(items)} images",
                 f"{self.num_images}, the number of images in {self.paths['img']}",
             )
+        return items
+
+    def _load_labels(self, path: Path) -> list[np.ndarray]:
+        items = self._per_image_entries(path, "labels")
         C = len(self.class_names)
         labels = []
         for i, lab in enumerate(items):
@@ -600,14 +413,7 @@ class BuildDataset(Dataset):
         return labels
 
     def _load_boxes(self, path: Path) -> list[np.ndarray]:
-        items = _load_object_npy(path, "bboxes")
-        if len(items) != self.num_images:
-            raise _fail(
-                path,
-                "bboxes",
-                f"cover {len(items)} images",
-                f"{self.num_images}, the number of images in {self.paths['img']}",
-            )
+        items = self._per_image_entries(path, "bboxes")
         h, w = self.image_size
         t = BOX_TOLERANCE
         boxes = []
@@ -664,7 +470,7 @@ class BuildDataset(Dataset):
         MASK_BOX_MIN_IOU (both grown by BOX_TOLERANCE). A labels file whose per-image counts
         are shifted (totals equal) hands masks to the wrong image; they then miss its boxes."""
         binary = masks if masks.dtype == bool else masks != 0
-        mask_boxes = _projection_boxes(binary)  # (n, 4); an empty mask gives (0, 0, 0, 0)
+        mask_boxes = masks_to_boxes(binary)  # (n, 4); an empty mask gives (0, 0, 0, 0)
         empty = mask_boxes[:, 2] <= mask_boxes[:, 0]
         if empty.any():
             self._raise_empty_mask(start + int(np.flatnonzero(empty)[0]))
@@ -718,18 +524,6 @@ class BuildDataset(Dataset):
         self._files = None
 
     # -- items ------------------------------------------------------------------------------
-    def subset(self, items: Sequence[int], augment: Callable | None = None) -> BuildDataset:
-        """A data set of some of this one's items (positions in it), with its own augment;
-        the files are not read again."""
-        new = copy.copy(self)
-        new._files, new._pid = None, None
-        new.indices = [self.indices[int(i)] for i in items]
-        new.augment = augment
-        return new
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
     def num_instances(self, i: int) -> int:
         """Number of instances of item i, from the labels file (no image read)."""
         return len(self.labels[self.indices[i]])
@@ -753,768 +547,11 @@ class BuildDataset(Dataset):
             masks = np.zeros((0, *self.image_size), dtype=np.uint8)
         return image, masks, self.labels[idx].copy(), self.boxes[idx].copy()
 
-    def __getitem__(self, i: int):
-        idx = self.indices[i]
-        image, masks, labels, boxes = self.raw(i)
-        img, masks_t, boxes_t, parts = preprocess(
-            torch.from_numpy(image),
-            torch.from_numpy(masks),
-            torch.from_numpy(boxes),
-            self.size,
-            self.pad_to,
-        )
-        meta = {"image_id": int(idx), **parts, "file_name": f"{self.paths['img']}#{idx}"}
-        sample = (img, torch.from_numpy(labels), masks_t, boxes_t, meta)
-        return self.augment(sample) if self.augment is not None else sample
+    def file_name(self, i: int) -> str:
+        return f"{self.paths['img']}#{self.indices[i]}"
 
-
-def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
-    """COCO segmentation (polygons, uncompressed or compressed RLE) -> uint8 (height, width).
-
-    Polygons with fewer than 3 points are ignored (no area; pycocotools would read a 4-number
-    list as a box).
-    """
-    rle = _segmentation_rle(segm, height, width)
-    if rle is None:
-        return np.zeros((height, width), dtype=np.uint8)
-    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
-
-
-def _segmentation_rle(segm: Any, height: int, width: int) -> dict | None:
-    """COCO segmentation -> one compressed RLE (None: only polygons of < 3 points)."""
-    if isinstance(segm, list):
-        polygons = [p for p in segm if len(p) >= 6]
-        if not polygons:
-            return None
-        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    if isinstance(segm["counts"], list):  # uncompressed RLE
-        return mask_utils.frPyObjects(segm, height, width)
-    return segm  # compressed RLE
-
-
-def _is_number(v: Any) -> bool:
-    """A finite json number (bool is not one)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    """A json integer (bool is not one)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_file(path: Path) -> bool:
-    """Path.is_file, False for a name no file can have (a NUL byte, too long)."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _rle_string_counts(counts: str) -> list[int] | None:
-    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString in Python),
-    or None when the string is not one. Checked before pycocotools sees it: its decoder
-    writes as many pixels as the runs add up to, whatever the mask's size."""
-    runs: list[int] = []
-    p = 0
-    while p < len(counts):
-        x, k, more = 0, 0, True
-        while more:
-            if p >= len(counts):
-                return None  # the last run is cut off
-            c = ord(counts[p]) - 48
-            if not 0 <= c < 64:
-                return None
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
-    return runs
-
-
-def _check_annotation(ann: dict, image: dict, json_path: Path) -> None:
-    """Metadata check of one COCO annotation at construction (no decoding): polygons of
-    finite numbers within MAX_COORDINATE, RLE whose runs cover exactly the image, a finite
-    bbox inside the image."""
-    where = f"annotation {ann.get('id')} (image {ann.get('image_id')})"
-    h, w = image["height"], image["width"]
-    segm = ann.get("segmentation")
-    if isinstance(segm, list):
-        ok = all(
-            isinstance(p, list)
-            and len(p) % 2 == 0
-            and all(_is_number(v) and abs(v) <= MAX_COORDINATE for v in p)
-            for p in segm
-        )
-        if not ok:
-            raise _fail(
-                json_path,
-                f"{where} segmentation",
-                "is malformed",
-                f"polygons [x y x y ...] of numbers within +-{MAX_COORDINATE}",
-            )
-    elif isinstance(segm, dict):
-        counts = segm.get("counts")
-        if not isinstance(counts, (list, str)) or "size" not in segm:
-            raise _fail(json_path, f"{where} segmentation", "is malformed", "RLE {counts, size}")
-        if segm["size"] != [h, w]:
-            raise _fail(
-                json_path, f"{where} segmentation size", f"is {segm['size']}", f"[{h}, {w}]"
-            )
-        if isinstance(counts, str):
-            runs = _rle_string_counts(counts)
-        else:
-            ints = all(isinstance(c, int) and not isinstance(c, bool) for c in counts)
-            runs = counts if ints else None
-        if runs is None or any(r < 0 for r in runs) or sum(runs) != h * w:
-            raise _fail(
-                json_path,
-                f"{where} segmentation counts",
-                "are not run lengths of the image",
-                f"non-negative runs adding up to {h} x {w} = {h * w} pixels",
-            )
-    else:
-        raise _fail(json_path, f"{where} segmentation", f"is {type(segm).__name__}", "polygons/RLE")
-    bbox = ann.get("bbox")
-    if bbox is not None:
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise _fail(json_path, f"{where} bbox", f"is {bbox}", "[x, y, width, height]")
-        x, y, bw, bh = bbox
-        t = BOX_TOLERANCE
-        if x < -t or y < -t or x + bw > w + t or y + bh > h + t:
-            raise _fail(
-                json_path,
-                f"{where} bbox",
-                f"{bbox} leaves the {w} x {h} image",
-                "a box inside the image",
-            )
-
-
-def photo_sample(data, raw: tuple, image_id: int, file_name: str) -> tuple:
-    """The sample contract from a photo's raw (image, masks, labels, boxes) at its own size:
-    aspect-kept resize (`coco_input_size` with data.short_side / max_side), `preprocess`
-    with data.pad_to, the meta dict, then data.augment. Shared by the COCO and LabelMe sets."""
-    image, masks, labels, boxes = raw
-    size = coco_input_size(image.shape[1:], data.short_side, data.max_side)
-    img, masks_t, boxes_t, parts = preprocess(
-        torch.from_numpy(image),
-        torch.from_numpy(masks),
-        torch.from_numpy(boxes),
-        size,
-        data.pad_to,
-    )
-    meta = {"image_id": image_id, **parts, "file_name": file_name}
-    sample = (img, torch.from_numpy(labels), masks_t, boxes_t, meta)
-    return data.augment(sample) if data.augment is not None else sample
-
-
-def _decode_annotation(ann: dict, height: int, width: int, json_path: Path) -> np.ndarray:
-    """The mask of a checked COCO annotation, uint8 (height, width); DataError when
-    pycocotools cannot decode it."""
-    try:
-        return decode_segmentation(ann["segmentation"], height, width)
-    except Exception as exc:  # pycocotools raises assorted types on bad input
-        raise _fail(
-            json_path,
-            f"annotation {ann['id']} segmentation",
-            f"could not be decoded ({exc})",
-            "valid polygons or RLE",
-        ) from exc
-
-
-def crowd_annotations(
-    rle: dict, image_id: int, category_ids: Iterable[int], first_id: int
-) -> list[dict]:
-    """An ignore region (RLE with str counts) as COCO `iscrowd: 1` annotations, one per
-    category, ids from `first_id`. COCOeval matches a crowd region only with detections of its
-    own category, so one copy per category makes the region class-agnostic: a detection of any
-    class on it (crowd IoU = intersection / detection area) is neither a true nor a false
-    positive, and a crowd region is never a missed object. Used for the COCO json's ignore
-    annotations here and for `evaluation.build_coco_gt`'s ignore masks."""
-    area = float(mask_utils.area(rle))
-    box = [float(v) for v in mask_utils.toBbox(rle)]
-    return [
-        {
-            "id": first_id + k,
-            "image_id": int(image_id),
-            "category_id": int(category_id),
-            "segmentation": rle,
-            "area": area,
-            "bbox": box,
-            "iscrowd": 1,
-        }
-        for k, category_id in enumerate(category_ids)
-    ]
-
-
-def _coco_ground_truth(
-    data: dict, cats: list[dict], checked: set, ignore: dict[int, list[dict]]
-) -> COCO:
-    """The ground truth COCOeval scores a checked json against: the categories `cats` (the
-    json's less NOT_CLASSES) with their annotations, and every ignore annotation (image id ->
-    list) as an iscrowd region of each category.
-
-    COCOeval matches a crowd region only with detections of the region's own category; one
-    copy per category makes an ignore region class-agnostic, so a detection of any class on
-    it is neither a true nor a false positive. Annotations of the categories in `checked`
-    (those `_check_annotation` passed) get their mask's area where the json has none (COCOeval
-    needs it), and ids become 1..n where the json's are not unique and positive (COCOeval
-    reads a match with id 0 as no match; labelme2coco numbers from 0).
-    """
-    images = {image["id"]: image for image in data["images"]}
-    cat_ids = {c["id"] for c in cats}
-    anns = [dict(a) for a in data["annotations"] if a["category_id"] in cat_ids]
-    ids = [a["id"] for a in anns]
-    if min(ids, default=1) < 1 or len(set(ids)) != len(ids):
-        for k, ann in enumerate(anns):
-            ann["id"] = k + 1
-    for ann in anns:
-        if ann["category_id"] in checked and not _is_number(ann.get("area")):
-            image = images[ann["image_id"]]
-            rle = _segmentation_rle(ann["segmentation"], image["height"], image["width"])
-            ann["area"] = float(mask_utils.area(rle)) if rle is not None else 0.0
-    next_id = max((a["id"] for a in anns), default=0) + 1
-    for image_id, regions in ignore.items():
-        image = images[image_id]
-        for region in regions:
-            rle = _segmentation_rle(region["segmentation"], image["height"], image["width"])
-            if rle is None:
-                continue
-            counts = rle["counts"]
-            rle = {
-                "size": [int(v) for v in rle["size"]],
-                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
-            }
-            crowd = crowd_annotations(rle, image_id, [c["id"] for c in cats], next_id)
-            anns += crowd
-            next_id += len(crowd)
-    coco = COCO()
-    coco.dataset = {**data, "categories": list(cats), "annotations": anns}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    return coco
-
-
-class CocoDataset(Dataset):
-    """COCO-format json + image folder with the same output contract as BuildDataset.
-
-    short_side / max_side: aspect-kept resize (short side to short_side unless the long side
-    would pass max_side); pad_to: zero padding to multiples of it. indices: positions in
-    `all_image_ids` (the json's image order, after drop_empty). cis680_classes: map categories
-    onto CIS680_CLASSES with COCO_TO_CIS680 (instances of other categories are dropped);
-    otherwise category ids map to 1..C in increasing id order, names kept in `.class_names`
-    and `.label_to_cat_id`. Categories named in NOT_CLASSES are no class (one warning says
-    so): annotations of "_background_" (labelme2coco's id 0) are dropped, those of
-    "__ignore__" are ignore regions (`ignore_mask`). Crowd annotations never enter the targets;
-    images without (kept) annotations stay as negatives unless drop_empty. An annotation whose
-    mask decodes to nothing is dropped with a warning. `.coco` is the pycocotools ground truth
-    of the json that evaluation scores against (`_coco_ground_truth`: no NOT_CLASSES
-    category, ignore regions as crowd regions of every category) and `.image_ids` the COCO
-    ids of this data set's items, in item order.
-    Validated at construction: the json, its references, annotation fields and boxes, and that
-    every image file exists (DataError naming the file otherwise).
-    """
-
-    def __init__(
-        self,
-        json_path: str | Path,
-        image_dir: str | Path,
-        short_side: int = 800,
-        max_side: int = 1333,
-        pad_to: int | None = 32,
-        indices: Sequence[int] | None = None,
-        augment: Callable | None = None,
-        cis680_classes: bool = False,
-        drop_empty: bool = False,
-    ):
-        self.json_path = Path(json_path)
-        self.image_dir = Path(image_dir)
-        self.short_side, self.max_side, self.pad_to = short_side, max_side, pad_to
-        self.augment = augment
-        self.cis680_classes = cis680_classes
-        data = self._read_json()
-
-        cats = sorted(data["categories"], key=lambda c: c["id"])
-        special = [c for c in cats if c["name"] in NOT_CLASSES]
-        if special:
-            names = ", ".join(f"{c['name']!r} (id {c['id']})" for c in special)
-            warnings.warn(
-                f"{self.json_path}: categories {names} are not classes and are left out; "
-                "annotations of '_background_' are dropped and those "
-                f"of {IGNORE_LABEL!r} are ignore regions (neither true nor false positives, as "
-                "crowd regions).",
-                stacklevel=2,
-            )
-        ignore_cat_ids = {c["id"] for c in special if c["name"] == IGNORE_LABEL}
-        cats = [c for c in cats if c["name"] not in NOT_CLASSES]
-        if cis680_classes:
-            self.class_names = CIS680_CLASSES
-            self.cat_to_label = {
-                c["id"]: COCO_TO_CIS680[c["name"]] for c in cats if c["name"] in COCO_TO_CIS680
-            }
-            self.label_to_cat_id: dict[int, int] = {}
-        else:
-            self.class_names = tuple(c["name"] for c in cats)
-            self.cat_to_label = {c["id"]: k + 1 for k, c in enumerate(cats)}
-            self.label_to_cat_id = {k + 1: c["id"] for k, c in enumerate(cats)}
-
-        images = {image["id"]: image for image in data["images"]}
-        self._anns: dict[int, list[dict]] = {k: [] for k in images}  # training targets
-        self._ignore: dict[int, list[dict]] = {k: [] for k in images}  # ignore regions
-        for ann in data["annotations"]:
-            category = ann["category_id"]
-            if category in ignore_cat_ids:
-                _check_annotation(ann, images[ann["image_id"]], self.json_path)
-                self._ignore[ann["image_id"]].append(ann)
-            elif category in self.cat_to_label:
-                _check_annotation(ann, images[ann["image_id"]], self.json_path)
-                if not ann.get("iscrowd", 0):
-                    self._anns[ann["image_id"]].append(ann)
-        self.coco = _coco_ground_truth(data, cats, set(self.cat_to_label), self._ignore)
-        self.all_image_ids = [
-            im["id"] for im in data["images"] if self._anns[im["id"]] or not drop_empty
-        ]
-        n = len(self.all_image_ids)
-        self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
-        bad = [i for i in self.indices if not 0 <= i < n]
-        if bad:
-            raise _fail(self.json_path, "indices", f"include {bad[:5]}", f"0..{n - 1}")
-        self.image_ids = [self.all_image_ids[i] for i in self.indices]
-        self._warned: set = set()
-
-    def _read_json(self) -> dict:
-        path = self.json_path
-        if not path.is_file():
-            raise _fail(path, "annotation file", "was not found", "a COCO-format json file")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise _fail(path, "file", f"could not be read as json ({exc})", "COCO json") from exc
-        if not isinstance(data, dict):
-            raise _fail(path, "top level", f"is a {type(data).__name__}", "a json object")
-        for key in ("images", "categories"):
-            if not isinstance(data.get(key), list):
-                raise _fail(path, f"field '{key}'", "is missing or not a list", "a list")
-        data.setdefault("annotations", [])
-        if not isinstance(data["annotations"], list):
-            raise _fail(path, "field 'annotations'", "is not a list", "a list")
-        images = {}
-        for k, image in enumerate(data["images"]):
-            if not isinstance(image, dict):
-                raise _fail(path, f"images[{k}]", f"is a {type(image).__name__}", "a json object")
-            missing = [f for f in ("id", "file_name", "height", "width") if f not in image]
-            if missing:
-                raise _fail(
-                    path, f"images[{k}]", f"lacks {missing}", "id, file_name, height, width"
-                )
-            if not _is_int(image["id"]) or image["id"] in images:
-                raise _fail(path, f"images[{k}] id", f"is {image['id']!r}", "a unique integer")
-            for field in ("height", "width"):
-                if not _is_int(image[field]) or image[field] < 1:
-                    raise _fail(
-                        path, f"images[{k}] {field}", f"is {image[field]!r}", "a positive integer"
-                    )
-            file_name = image["file_name"]
-            if not isinstance(file_name, str) or not _is_file(self.image_dir / file_name):
-                raise _fail(
-                    self.image_dir / str(file_name),
-                    f"image file (images[{k}] of {path})",
-                    "was not found",
-                    f"an image file in {self.image_dir}",
-                )
-            images[image["id"]] = image
-        cat_ids = set()
-        for k, cat in enumerate(data["categories"]):
-            if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
-                raise _fail(path, f"categories[{k}]", "lacks id or name", "{id, name}")
-            if not _is_int(cat["id"]) or cat["id"] in cat_ids:
-                raise _fail(path, f"categories[{k}] id", f"is {cat['id']!r}", "a unique integer")
-            if not isinstance(cat["name"], str):
-                raise _fail(path, f"categories[{k}] name", f"is {cat['name']!r}", "a string")
-            cat_ids.add(cat["id"])
-        for k, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict):
-                raise _fail(path, f"annotations[{k}]", f"is a {type(ann).__name__}", "an object")
-            for field, known, expected in (
-                ("image_id", images, "the id of an entry of 'images'"),
-                ("category_id", cat_ids, "the id of an entry of 'categories'"),
-            ):
-                if not _is_int(ann.get(field)) or ann[field] not in known:
-                    where = f"annotations[{k}] {field}"
-                    raise _fail(path, where, f"is {ann.get(field)!r}", expected)
-            if ann.get("iscrowd", 0) not in (0, 1):  # False and True are 0 and 1
-                raise _fail(path, f"annotations[{k}] iscrowd", f"is {ann['iscrowd']!r}", "0 or 1")
-            if not _is_int(ann.setdefault("id", k + 1)):
-                raise _fail(path, f"annotations[{k}] id", f"is {ann['id']!r}", "an integer")
-        return data
-
-    def subset(self, items: Sequence[int], augment: Callable | None = None) -> CocoDataset:
-        """A data set of some of this one's items (positions in it), with its own augment;
-        the json is not read again."""
-        new = copy.copy(self)
-        new.indices = [self.indices[int(i)] for i in items]
-        new.image_ids = [self.all_image_ids[i] for i in new.indices]
-        new.augment = augment
-        new._warned = set()
-        return new
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def num_instances(self, i: int) -> int:
-        """Number of annotations of item i kept for training (before decoding)."""
-        return len(self._anns[self.image_ids[i]])
-
-    def _read_image(self, info: dict) -> np.ndarray:
-        path = self.image_dir / info["file_name"]
-        try:
-            with Image.open(path) as im:
-                if im.size != (info["width"], info["height"]):
-                    raise _fail(
-                        path,
-                        "image size",
-                        f"is {im.size[0]} x {im.size[1]}",
-                        f"{info['width']} x {info['height']} as {self.json_path} says",
-                    )
-                return image_to_rgb8(im, path)  # 16-bit, grayscale, palette, RGBA -> RGB
-        except OSError as exc:
-            raise _fail(path, "image", f"could not be read ({exc})", "an image file") from exc
-
-    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Item i at its original size: image uint8 (3, h0, w0), masks uint8 (N, h0, w0),
-        labels int64 (N,), boxes float32 (N, 4) x1 y1 x2 y2 (json bbox, or the mask's box
-        when the json has none)."""
-        image_id = self.image_ids[i]
-        info = self.coco.imgs[image_id]
-        image = self._read_image(info)
-        h0, w0 = image.shape[1:]
-        masks, labels, boxes = [], [], []
-        for ann in self._anns[image_id]:
-            mask = _decode_annotation(ann, h0, w0, self.json_path)
-            if not mask.any():
-                if ann["id"] not in self._warned:
-                    self._warned.add(ann["id"])
-                    warnings.warn(
-                        f"{self.json_path}: annotation {ann['id']} of image {image_id} has an "
-                        "empty mask; it is left out of the targets.",
-                        stacklevel=2,
-                    )
-                continue
-            bbox = ann.get("bbox")
-            box = np.zeros(4, dtype=np.float32)
-            if bbox is not None:
-                x, y, bw, bh = bbox
-                box = np.array([x, y, x + bw, y + bh], dtype=np.float32)
-                box[0::2] = box[0::2].clip(0, w0)
-                box[1::2] = box[1::2].clip(0, h0)
-            if not (box[2] > box[0] and box[3] > box[1]):  # no bbox, or none left inside
-                box = masks_to_boxes(mask[None])[0]
-            masks.append(mask)
-            labels.append(self.cat_to_label[ann["category_id"]])
-            boxes.append(box)
-        if masks:
-            return image, np.stack(masks), np.array(labels, np.int64), np.stack(boxes)
-        empty = np.zeros((0, h0, w0), dtype=np.uint8)
-        return image, empty, np.zeros((0,), np.int64), np.zeros((0, 4), np.float32)
-
-    def ignore_mask(self, i: int) -> np.ndarray | None:
-        """The union of item i's ignore regions (annotations of an IGNORE_LABEL category) at
-        the original size, uint8 (h0, w0) {0, 1}; None when it has none. They are never a
-        training target; evaluation scores them as crowd regions (`evaluation.build_coco_gt`,
-        and `.coco`)."""
-        image_id = self.image_ids[i]
-        if not self._ignore[image_id]:
-            return None
-        info = self.coco.imgs[image_id]
-        h0, w0 = info["height"], info["width"]  # checked against the image file when read
-        region = np.zeros((h0, w0), dtype=np.uint8)
-        for ann in self._ignore[image_id]:
-            region |= _decode_annotation(ann, h0, w0, self.json_path)
-        return region if region.any() else None
-
-    def __getitem__(self, i: int):
-        image_id = self.image_ids[i]
-        file_name = str(self.image_dir / self.coco.imgs[image_id]["file_name"])
-        return photo_sample(self, self.raw(i), int(image_id), file_name)
-
-
-def circle_polygon(centre: Sequence[float], rim: Sequence[float]) -> list[float]:
-    """A LabelMe circle (centre, a point on the circle) as a polygon [x y x y ...].
-
-    The vertices lie on the circle about one pixel apart (at least 16), so the inscribed
-    polygon's area is pi r^2 (1 - 1 / (6 r^2)) and the polygon rasteriser of the COCO path
-    serves circles too.
-    """
-    cx, cy = float(centre[0]), float(centre[1])
-    r = math.hypot(float(rim[0]) - cx, float(rim[1]) - cy)
-    n = max(16, math.ceil(2 * math.pi * r))
-    t = np.arange(n) * (2 * math.pi / n)
-    xy = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)  # (n, 2)
-    return xy.ravel().tolist()  # (n, 2) -> [x0, y0, x1, y1, ...]
-
-
-@dataclass(frozen=True)
-class LabelMeFile:
-    """One checked LabelMe json: where its image is and its instances as polygons."""
-
-    json_path: Path
-    image_path: Path | None  # None: the image is the json's embedded imageData
-    size: tuple[int, int] | None  # (imageHeight, imageWidth) as the json states them, if it does
-    instances: tuple[tuple[str, tuple[tuple[float, ...], ...]], ...]  # (label, polygons), each
-    #                                        polygon (x0, y0, x1, y1, ...); a group is their union
-    ignore: tuple[tuple[tuple[float, ...], ...], ...] = ()  # IGNORE_LABEL groups, as polygons
-
-
-def _labelme_shape(shape: Any, k: int, path: Path) -> tuple[str, int | None, list[float]]:
-    """Check shapes[k] of a LabelMe json -> (label, group_id, polygon [x y x y ...])."""
-    if not isinstance(shape, dict):
-        raise _fail(path, f"shapes[{k}]", f"is a {type(shape).__name__}", "a json object")
-    label = shape.get("label")
-    if not isinstance(label, str) or not label:
-        raise _fail(path, f"shapes[{k}] label", f"is {label!r}", "a non-empty string")
-    where = f"shapes[{k}] (label {label!r})"
-    shape_type = shape.get("shape_type") or "polygon"  # LabelMe before 3.0 wrote polygons only
-    if not isinstance(shape_type, str) or shape_type not in LABELME_SHAPE_POINTS:
-        raise _fail(
-            path, f"{where} shape_type", f"is {shape_type!r}", "polygon, rectangle or circle"
-        )
-    points = shape.get("points")
-    try:
-        xy = np.asarray(points if points != [] else np.zeros((0, 2)), dtype=np.float64)
-    except (TypeError, ValueError):
-        xy = np.zeros(0)  # not numbers, or ragged
-    if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
-        raise _fail(path, f"{where} points", f"are {points!r}", "a list of [x, y] number pairs")
-    if np.abs(xy).max(initial=0) > MAX_COORDINATE:
-        raise _fail(
-            path, f"{where} points", f"are {points!r}", f"coordinates within +-{MAX_COORDINATE}"
-        )
-    n = len(xy)
-    if (n < 3) if shape_type == "polygon" else (n != 2):
-        expected = LABELME_SHAPE_POINTS[shape_type]
-        raise _fail(path, f"{where} {shape_type}", f"has {n} point(s)", expected)
-    group_id = shape.get("group_id")
-    if group_id is not None and (not isinstance(group_id, int) or isinstance(group_id, bool)):
-        raise _fail(path, f"{where} group_id", f"is {group_id!r}", "an integer or null")
-    if shape_type == "rectangle":
-        (xa, ya), (xb, yb) = xy.tolist()
-        polygon = [xa, ya, xb, ya, xb, yb, xa, yb]
-    elif shape_type == "circle":
-        polygon = circle_polygon(xy[0], xy[1])
-    else:
-        polygon = xy.ravel().tolist()  # (n, 2) -> [x0, y0, x1, y1, ...]
-    return label, group_id, polygon
-
-
-def _labelme_image_path(path: Path, data: dict) -> Path | None:
-    """The image file of a LabelMe json, or None when only its imageData holds the image."""
-    image_path = data.get("imagePath")
-    has_data = isinstance(data.get("imageData"), str) and bool(data["imageData"])
-    if isinstance(image_path, str) and image_path:
-        # LabelMe on Windows writes relative paths with backslashes
-        for candidate in dict.fromkeys((image_path, image_path.replace("\\", "/"))):
-            if _is_file(path.parent / candidate):
-                return path.parent / candidate
-    if has_data:
-        return None
-    looked = f" ({path.parent / image_path})" if isinstance(image_path, str) and image_path else ""
-    raise _fail(
-        path,
-        "imagePath",
-        f"{image_path!r}{looked} was not found and imageData is empty",
-        "an image file at imagePath, relative to the json, or the image embedded as imageData",
-    )
-
-
-def read_labelme(json_path: str | Path) -> LabelMeFile:
-    """Read and check one LabelMe json (any problem: a DataError naming it).
-
-    Shapes: polygon (>= 3 points), rectangle (2 opposite corners) and circle (centre, a point
-    on the circle), all turned into polygons; other shape types have no area and are an error.
-    Shapes with the same (label, group_id) form one instance, the union of their areas; a shape
-    without group_id is an instance of its own. Instances keep the order of their first shape.
-    Shapes labelled IGNORE_LABEL are no instance: they are grouped alike into `.ignore`.
-    """
-    path = Path(json_path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _fail(path, "file", f"could not be read as json ({exc})", "a LabelMe json") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("shapes"), list):
-        raise _fail(
-            path, "field 'shapes'", "is missing or not a list", "a LabelMe annotation (shapes)"
-        )
-    groups: dict[tuple, tuple[str, list[tuple[float, ...]]]] = {}
-    for k, shape in enumerate(data["shapes"]):
-        label, group_id, polygon = _labelme_shape(shape, k, path)
-        key = (label, group_id) if group_id is not None else (None, k)  # labels are never None
-        groups.setdefault(key, (label, []))[1].append(tuple(polygon))
-    ignore = tuple(tuple(polygons) for label, polygons in groups.values() if label == IGNORE_LABEL)
-    h, w = data.get("imageHeight"), data.get("imageWidth")
-    size = (h, w) if isinstance(h, int) and isinstance(w, int) else None
-    return LabelMeFile(
-        json_path=path,
-        image_path=_labelme_image_path(path, data),
-        size=size,
-        instances=tuple(
-            (label, tuple(polygons)) for label, polygons in groups.values() if label != IGNORE_LABEL
-        ),
-        ignore=ignore,
-    )
-
-
-class LabelMeDataset(Dataset):
-    """A folder of LabelMe annotations with the same output contract as BuildDataset.
-
-    Every `*.json` of `folder` (not of its subfolders), in sorted file-name order, is one image
-    (`read_labelme`): the image file at its imagePath, relative to the json, or else the image
-    embedded as imageData. Images are turned upright by their EXIF orientation, as LabelMe shows
-    them while labelling. Label names map to classes 1..C in sorted order (`.class_names`);
-    shapes labelled IGNORE_LABEL ("__ignore__", LabelMe's own convention) are no class and no
-    target but ignore regions (`ignore_mask`), scored as crowd regions.
-    Shapes become masks with pycocotools' polygon rasteriser, as COCO polygons do, and boxes
-    are the masks' boxes (`masks_to_boxes`); an instance whose mask comes out empty (a
-    zero-area shape) is dropped with a warning. Images without shapes are negatives.
-    short_side / max_side / pad_to: the COCO path's aspect-kept resize and padding.
-    indices: positions in the sorted json list, which are also the items' meta["image_id"].
-    Validated at construction: every json, its shapes and that its image can be found;
-    a problem raises DataError naming the json.
-    """
-
-    def __init__(
-        self,
-        folder: str | Path,
-        short_side: int = 800,
-        max_side: int = 1333,
-        pad_to: int | None = 32,
-        indices: Sequence[int] | None = None,
-        augment: Callable | None = None,
-    ):
-        self.folder = Path(folder)
-        self.short_side, self.max_side, self.pad_to = short_side, max_side, pad_to
-        self.augment = augment
-        if not self.folder.is_dir():
-            raise _fail(self.folder, "folder", "was not found", "a folder of LabelMe json files")
-        json_paths = sorted(self.folder.glob("*.json"))
-        if not json_paths:
-            hint = ""
-            if any(self.folder.glob("*_img_comp_zlib.h5")):
-                hint = " (for CIS680 files give their prefix, e.g. FOLDER/solo, not the folder)"
-            raise _fail(self.folder, "folder", "holds no *.json files", f"LabelMe json files{hint}")
-        self.files = [read_labelme(p) for p in json_paths]
-        names = {label for file in self.files for label, _ in file.instances}
-        if not names:
-            only_ignore = any(file.ignore for file in self.files)
-            what = f"only {IGNORE_LABEL!r} shapes" if only_ignore else "no shapes"
-            raise _fail(
-                self.folder,
-                "LabelMe json files",
-                f"have {what} ({len(self.files)} files)",
-                "at least one labelled object to learn from",
-            )
-        self.class_names = tuple(sorted(names))
-        self.label_of = {name: k + 1 for k, name in enumerate(self.class_names)}
-        n = len(self.files)
-        self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
-        bad = [i for i in self.indices if not 0 <= i < n]
-        if bad:
-            raise _fail(self.folder, "indices", f"include {bad[:5]}", f"0..{n - 1}")
-        self._warned: set = set()
-
-    def subset(self, items: Sequence[int], augment: Callable | None = None) -> LabelMeDataset:
-        """A data set of some of this one's items (positions in it), with its own augment;
-        the json files are not read again."""
-        new = copy.copy(self)
-        new.indices = [self.indices[int(i)] for i in items]
-        new.augment = augment
-        new._warned = set()
-        return new
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def num_instances(self, i: int) -> int:
-        """Number of instances of item i (shape groups, before rasterising)."""
-        return len(self.files[self.indices[i]].instances)
-
-    def _read_image(self, file: LabelMeFile) -> np.ndarray:
-        if file.image_path is not None:
-            source: Any = file.image_path
-            where, field = file.image_path, "image"
-        else:  # read again here: the data set does not keep every image's bytes in memory
-            where, field = file.json_path, "imageData"
-            with open(file.json_path, encoding="utf-8") as f:
-                image_data = json.load(f)["imageData"]
-            try:
-                source = io.BytesIO(base64.b64decode(image_data))
-            except (binascii.Error, ValueError) as exc:
-                raise _fail(where, field, f"is not base64 ({exc})", "base64 image bytes") from exc
-        try:
-            with Image.open(source) as im:
-                upright = ImageOps.exif_transpose(im)  # LabelMe labels photos as shown, upright
-                array = image_to_rgb8(upright, where)  # 16-bit, grayscale, palette, RGBA -> RGB
-        except OSError as exc:
-            raise _fail(where, field, f"could not be read ({exc})", "an image file") from exc
-        h0, w0 = array.shape[1:]
-        if file.size is not None and file.size != (h0, w0):
-            raise _fail(
-                file.json_path,
-                "imageHeight x imageWidth",
-                f"is {file.size[0]} x {file.size[1]} but its image is {h0} x {w0}",
-                "the size of the image the shapes were drawn on",
-            )
-        return array
-
-    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Item i at its original size: image uint8 (3, h0, w0), masks uint8 (N, h0, w0),
-        labels int64 (N,), boxes float32 (N, 4) x1 y1 x2 y2 (the masks' boxes)."""
-        file = self.files[self.indices[i]]
-        image = self._read_image(file)
-        h0, w0 = image.shape[1:]
-        masks, labels = [], []
-        for k, (label, polygons) in enumerate(file.instances):
-            mask = decode_segmentation([list(p) for p in polygons], h0, w0)  # union of the group
-            if not mask.any():
-                if (file.json_path, k) not in self._warned:
-                    self._warned.add((file.json_path, k))
-                    warnings.warn(
-                        f"{file.json_path}: instance {k} (label {label!r}) has an empty mask "
-                        f"in the {w0} x {h0} image; it is left out of the targets.",
-                        stacklevel=2,
-                    )
-                continue
-            masks.append(mask)
-            labels.append(self.label_of[label])
-        if masks:
-            stacked = np.stack(masks)
-            return image, stacked, np.array(labels, np.int64), masks_to_boxes(stacked)
-        empty = np.zeros((0, h0, w0), dtype=np.uint8)
-        return image, empty, np.zeros((0,), np.int64), np.zeros((0, 4), np.float32)
-
-    def ignore_mask(self, i: int) -> np.ndarray | None:
-        """The union of item i's IGNORE_LABEL shapes at the original size, uint8 (h0, w0)
-        {0, 1}; None when it has none. They are never a training target; evaluation scores
-        them as crowd regions (`evaluation.build_coco_gt`)."""
-        file = self.files[self.indices[i]]
-        if not file.ignore:
-            return None
-        # The json's stated size is checked against the image when it is read; only a json
-        # that states none makes us decode the image for its size.
-        h0, w0 = file.size if file.size is not None else self._read_image(file).shape[1:]
-        polygons = [list(p) for group in file.ignore for p in group]
-        region = decode_segmentation(polygons, h0, w0)
-        return region if region.any() else None
-
-    def __getitem__(self, i: int):
-        file = self.files[self.indices[i]]
-        file_name = str(file.image_path if file.image_path is not None else file.json_path)
-        return photo_sample(self, self.raw(i), int(self.indices[i]), file_name)
+    def resized_size(self, orig_size: tuple[int, int]) -> tuple[int, int]:
+        return self.size
 
 
 # --------------------------------------------------------------------------------------------
@@ -1726,48 +763,27 @@ def open_dataset(
     return BuildDataset(data, size=size, pad_to=pad_to)
 
 
-def without_augment(dataset):
-    """A shallow copy of `dataset` (any of this module's data sets) that reads its samples
-    without augmentation; the files are not read again."""
-    plain = copy.copy(dataset)
-    plain.augment = None
-    return plain
-
-
 def build_datasets(
     data: str | Path,
     coco_images: str | Path | None = None,
     *,
-    size: tuple[int, int] = CIS680_INPUT_SIZE,
-    pad_to: int | None = 32,
-    short_side: int | None = None,
-    max_side: int | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
     split: Any = None,
     augment: bool | Callable | None = True,
-    cis680_classes: bool = False,
-    drop_empty: bool = False,
-) -> tuple[Dataset, Dataset]:
+    **source_options: Any,
+) -> tuple[SampleDataset, SampleDataset]:
     """(train_set, val_set) for a CIS680 prefix, a COCO json (a path ending in .json, with
-    coco_images its image folder) or a folder of LabelMe json files (see `open_dataset`). The
-    split (see `resolve_split`: None gives the seeded 80/20 split) runs over all images of the
-    source; augment (True: `TrainAugment()`, or any callable) applies to the training part only.
-    A training split whose images hold no object at all is a DataError naming `data`.
+    coco_images its image folder) or a folder of LabelMe json files, opened by `open_dataset`
+    with source_options (its size, pad_to, short_side, max_side, cis680_classes, drop_empty).
+    The split (see `resolve_split`: None gives the seeded 80/20 split) runs over all images of
+    the source; augment (True: `TrainAugment()`, or any callable) applies to the training part
+    only. A training split whose images hold no object at all is a DataError naming `data`.
     """
     if augment is True:
         augment = TrainAugment()
     augment = augment or None
-    full = open_dataset(
-        data,
-        coco_images,
-        size=size,
-        pad_to=pad_to,
-        short_side=short_side,
-        max_side=max_side,
-        cis680_classes=cis680_classes,
-        drop_empty=drop_empty,
-    )
+    full = open_dataset(data, coco_images, **source_options)
     train_idx, val_idx = resolve_split(split, len(full), val_fraction, seed)
     # Nothing to learn from trains with a zero mask loss and scores AP n/a: refuse it here,
     # from the annotations alone (no image read). An empty training split (every image held
@@ -1872,7 +888,7 @@ class CachedSamples(Dataset):
     """
 
     def __init__(self, dataset):
-        self.augment = getattr(dataset, "augment", None)
+        self.augment = dataset.augment
         self.dataset = without_augment(dataset)
         self.class_names = dataset.class_names
         self._samples: dict[int, tuple] = {}

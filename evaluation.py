@@ -31,8 +31,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
+from coco_data import crowd_annotations
 from config import Config
-from dataset import collate_fn, crowd_annotations, without_augment
+from dataset import collate_fn
+from samples import SampleDataset, without_augment
 
 # --- config ------------------------------------------------------------------------------
 
@@ -301,58 +303,52 @@ def data_loader(dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
     )
 
 
-def image_ids_of(dataset) -> list[int]:
-    """The `meta["image_id"]` of every item: COCO ids, or indices into the CIS680 files."""
-    if hasattr(dataset, "image_ids"):
-        return [int(i) for i in dataset.image_ids]
-    return [int(i) for i in dataset.indices]
-
-
-def uses_coco_json(dataset) -> bool:
+def uses_coco_json(dataset: SampleDataset) -> bool:
     """COCO-format data with its own categories is scored against its json (crowd regions
     included, as COCO does); everything else against truth built from the masks."""
-    return hasattr(dataset, "coco") and not getattr(dataset, "cis680_classes", False)
+    return dataset.json_ground_truth() is not None
 
 
-def ground_truth_of(dataset):
+def ground_truth_of(dataset: SampleDataset) -> COCO:
     """A pycocotools COCO ground truth for `dataset`, built from its masks at original size
     (CIS680 data, LabelMe folders, and COCO data mapped onto the CIS680 classes), with the
     data set's ignore regions (`ignore_mask`, e.g. LabelMe's "__ignore__" shapes) where it has
     them: a detection there is neither a true nor a false positive."""
-    image_ids = image_ids_of(dataset)
+    image_ids = dataset.image_ids
 
     def samples():
         for i, image_id in enumerate(image_ids):
             image, masks, labels, _ = dataset.raw(i)
             yield image_id, tuple(image.shape[-2:]), np.asarray(masks), np.asarray(labels)
 
-    ignore_mask = getattr(dataset, "ignore_mask", None)
     ignore = {}
-    if ignore_mask is not None:
-        for i, image_id in enumerate(image_ids):
-            region = ignore_mask(i)
-            if region is not None:
-                ignore[image_id] = region
+    for i, image_id in enumerate(image_ids):
+        region = dataset.ignore_mask(i)
+        if region is not None:
+            ignore[image_id] = region
     return build_coco_gt(samples(), dataset.class_names, ignore_masks=ignore)
 
 
-def score(dataset, detections: list[dict]) -> dict:
+def score(dataset: SampleDataset, detections: list[dict]) -> dict:
     """COCO mask AP of `detections` (from `detections_of`) on `dataset`."""
-    if uses_coco_json(dataset):
-        return evaluate(dataset.coco, detections, img_ids=image_ids_of(dataset))
-    return evaluate(ground_truth_of(dataset), detections, img_ids=image_ids_of(dataset))
+    truth = dataset.json_ground_truth()
+    if truth is None:
+        truth = ground_truth_of(dataset)
+    return evaluate(truth, detections, img_ids=dataset.image_ids)
 
 
-def evaluate_model(model, dataset, cfg: Config, device, batch_size: int | None = None) -> dict:
+def evaluate_model(
+    model, dataset: SampleDataset, cfg: Config, device, batch_size: int | None = None
+) -> dict:
     """COCO mask AP/AP50/AP75/APs/APm/APl of `model` on `dataset` (no augmentation)."""
-    if getattr(dataset, "augment", None) is not None:
+    if dataset.augment is not None:
         dataset = without_augment(dataset)
     loader = data_loader(dataset, batch_size or cfg.batch_size)
     predictions = predict_batches(model, loader, device)
     return score(dataset, detections_of(predictions, dataset))
 
 
-def detections_of(predictions, dataset=None) -> list[dict]:
+def detections_of(predictions, dataset: SampleDataset | None = None) -> list[dict]:
     """COCO results dicts; category ids are the json's for COCO-format data."""
     mapping = dataset.label_to_cat_id if dataset is not None and uses_coco_json(dataset) else None
     return results_to_coco(

@@ -28,11 +28,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-import dataset as ds
-from dataset import build_data, without_augment
+from dataset import build_data
 from evaluation import (
     data_loader,
     detections_of,
@@ -46,6 +46,7 @@ from model import (
     load_model,  # noqa: F401  (main_infer.load_model, as before)
     resolve_device,
 )
+from samples import PhotoDataset, image_to_rgb8, without_augment
 from visualize import draw_instances
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -97,42 +98,39 @@ def list_images(paths: list[str]) -> list[Path]:
     return found
 
 
-def resize_shape(h0: int, w0: int, input_size: tuple[int, int]) -> tuple[int, int]:
-    """Aspect-kept size: short side to input_size[0], long side capped at input_size[1]."""
-    short, cap = input_size
-    scale = min(short / min(h0, w0), cap / max(h0, w0))
-    return max(1, round(h0 * scale)), max(1, round(w0 * scale))
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Plain image files in the data-set contract (no objects), for inference."""
+class ImageFiles(PhotoDataset):
+    """Plain image files in the sample contract, without objects, for inference: resized as the
+    photo readers resize (`samples.PhotoDataset`), short side to input_size[0] unless the long
+    side would pass input_size[1]; meta["image_id"] is the file's position in `files`."""
 
     def __init__(self, files: list[Path], input_size: tuple[int, int], pad_to: int):
         self.files = files
-        self.input_size = input_size
+        self.short_side, self.max_side = input_size
         self.pad_to = pad_to
-
-    def __len__(self) -> int:
-        return len(self.files)
+        self.indices = list(range(len(files)))
+        self._warned: set = set()
 
     def load(self, i: int) -> torch.Tensor:
         """Image i as uint8 (3, h0, w0), decoded as the data sets do (16-bit scaled to 8)."""
+        path = self.files[self.indices[i]]
         try:
-            with Image.open(self.files[i]) as im:
-                array = ds.image_to_rgb8(im, self.files[i])
+            with Image.open(path) as im:
+                array = image_to_rgb8(im, path)
         except OSError as err:
-            raise OSError(f"{self.files[i]}: cannot read the image ({err})") from err
+            raise OSError(f"{path}: cannot read the image ({err})") from err
         return torch.from_numpy(array)
 
-    def __getitem__(self, i: int):
-        image = self.load(i)
-        h0, w0 = image.shape[-2:]
-        size = resize_shape(h0, w0, self.input_size)
-        empty_masks = torch.zeros((0, h0, w0), dtype=torch.uint8)
-        empty_boxes = torch.zeros((0, 4), dtype=torch.float32)
-        img, masks, boxes, meta = ds.preprocess(image, empty_masks, empty_boxes, size, self.pad_to)
-        meta = {**meta, "image_id": i, "file_name": str(self.files[i])}
-        return img, torch.zeros(0, dtype=torch.int64), masks, boxes, meta
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        image = self.load(i).numpy()
+        h0, w0 = image.shape[1:]
+        no_masks = np.zeros((0, h0, w0), dtype=np.uint8)
+        return image, no_masks, np.zeros((0,), np.int64), np.zeros((0, 4), np.float32)
+
+    def num_instances(self, i: int) -> int:
+        return 0
+
+    def file_name(self, i: int) -> str:
+        return str(self.files[self.indices[i]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None):
         predictions = predict_onnx(runner, data, source)
     else:
         predictions = predict_batches(model, data_loader(data, args.batch_size), device)
-    detections = detections_of(predictions, None if args.images else data)
+    detections = detections_of(predictions, data)
     write_results_json(out_dir / "results.json", detections)
     n_pics = len(predictions) if args.max_pictures == 0 else args.max_pictures
     save_pictures(predictions[:n_pics], source, class_names, out_dir, args.score_min)

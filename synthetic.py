@@ -27,7 +27,8 @@ In code: `prefix = ensure_builtin_dataset()` (generated on first use, reused aft
 
 Shapes: H x W = 300 x 400 image, N instances of one image.
     image uint8 (3, H, W), masks uint8 (N, H, W) in {0, 1}, labels int64 (N,) in 1..3,
-    boxes float32 (N, 4) x1 y1 x2 y2 (x2, y2 exclusive: max column / row + 1).
+    boxes float32 (N, 4) x1 y1 x2 y2 (x2, y2 exclusive: max column / row + 1; the boxes of the
+    masks, `conventions.masks_to_boxes`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cis680_files import cis680_paths, write_cis680
+from cis680_files import CIS680_CLASSES, CIS680_IMAGE_SIZE, cis680_paths, write_cis680
+from conventions import masks_to_boxes
 from safe_npy import read_npy
 
 try:  # file locks exist on POSIX only; elsewhere two concurrent first uses are not guarded
@@ -56,8 +58,8 @@ except ImportError:  # pragma: no cover
 # config
 # --------------------------------------------------------------------------------------------
 
-CLASS_NAMES = ("vehicle", "person", "animal")  # class ids 1, 2, 3 (hand-out sec. 4.1)
-IMAGE_SIZE = (300, 400)  # (h, w) of a CIS680 image (hand-out sec. 4.1)
+CLASS_NAMES = CIS680_CLASSES  # class ids 1, 2, 3: vehicle, person, animal (hand-out sec. 4.1)
+IMAGE_SIZE = CIS680_IMAGE_SIZE  # (h, w) of a CIS680 image, 300 x 400 (hand-out sec. 4.1)
 MAX_INSTANCES = 6  # instances per image are drawn uniformly from 0..MAX_INSTANCES (issue)
 # sqrt(w*h) in 300x400 pixels, sampled log-uniformly; x 8/3 after the resize to 800x1066:
 # 53..880, all five ranges. The low end: 20 px here are 13 px at the CPU preset's 192x256 input,
@@ -351,15 +353,6 @@ def _paint_owners(
         h, w = mask.shape
         owner[y0 : y0 + h, x0 : x0 + w][mask] = k
     return owner
-
-
-def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """(N, H, W) {0,1} -> (N, 4) float32 x1 y1 x2 y2 with x2 = max column + 1, y2 = max row + 1."""
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for k, m in enumerate(masks):
-        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-        boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-    return boxes
 
 
 def generate_sample(

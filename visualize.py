@@ -24,13 +24,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 import synthetic
+from conventions import IMAGENET_MEAN, IMAGENET_STD
 
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # hand-out sec. 4.3
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # One colour per class id 1, 2, 3, ... (vehicle red, person green, animal blue), then more.
 CLASS_COLORS = (
     (0.90, 0.10, 0.10),

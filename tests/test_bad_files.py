@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+import conventions
 import dataset as D
 import main_infer
 import synthetic
@@ -449,7 +450,7 @@ def test_case_07_projection_boxes_match_masks_to_boxes():
     masks[1, 4, 6] = True
     expected = D.masks_to_boxes(torch.from_numpy(masks)).numpy()
     np.testing.assert_array_equal(expected[:2], [[0, 0, 0, 0], [6, 4, 7, 5]])
-    np.testing.assert_array_equal(D._projection_boxes(masks), expected)
+    np.testing.assert_array_equal(conventions._projection_boxes(masks), expected)
 
 
 def test_a_stored_box_outside_the_image_within_the_tolerance_is_refused(tmp_path):
