@@ -13,7 +13,7 @@ only the command line turns the errors below into their message and an exit stat
   `CheckpointWriteError` (disk full), `NonFiniteLossError`, and FileNotFoundError for a
   missing input.
 - 130 (the shell's code for SIGINT): Ctrl-C; during training the message says where the run
-  stood and how to continue it (`main_train.TrainingInterrupted`).
+  stood and how to continue it (`training.TrainingInterrupted`).
 
 Any other exception is a bug and keeps its traceback.
 """

@@ -14,6 +14,11 @@ Presets:
 Usage:
     cfg = preset("cpu")
     cfg = dataclasses.replace(cfg, epochs=2)
+    cfg = model_config(CIS680, "solov2")  # another model: with its MODEL_DEFAULTS, as --model
+
+Build a config for another model with `model_config`, not `dataclasses.replace(cfg, model=...)`:
+`replace` keeps the preset's settings for the old model (SOLOv2 on cis680 would get SOLO's
+towers and post-processing), so it builds another model than `--model` does.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 
 import torch
@@ -52,7 +58,8 @@ class Config:
 
     # --- model ---
     model: str = "solo"  # one of MODELS: solo, decoupled_solo, solov2, decoupled_solo_light,
-    #                      solov2_light; `--model` also applies MODEL_DEFAULTS (see there)
+    #                      solov2_light; `--model` also applies MODEL_DEFAULTS (see there):
+    #                      in code, `model_config(preset, model)`, not `replace(model=...)`
     depth: int = 50  # ResNet depth: 10, 18, 34, 50, 101 (10: one block per stage, no weights)
     backbone_width: int = 64  # ResNet stem / first-stage channels, doubled per stage
     #                           (torchvision: 64; other widths train from scratch only)
@@ -110,9 +117,11 @@ class Config:
     kernel_lr_mult: float = 1.0  # SOLOv2: lr multiplier of the dynamic-kernel output conv
     grad_clip: float = 35.0  # max gradient norm (authors); 0 disables
     time_budget_min: float = 0.0  # >0: stop training after this many minutes (CPU preset)
-    amp: bool = True  # mixed precision: fp16 on CUDA; bf16 autocast on CPU if cpu_bf16
-    cpu_bf16: bool = False  # bf16 autocast on the CPU
-    channels_last: bool = False  # channels-last memory format
+    amp: bool = True  # mixed precision: fp16 autocast on CUDA, bf16 on a CPU that runs bf16
+    #                   natively (`training.cpu_has_native_bf16`), float32 elsewhere. It
+    #                   replaces `cpu_bf16`: before, amp was CUDA's only and a CPU took bf16
+    #                   from cpu_bf16 (the cpu preset's); now cis680 on such a CPU runs bf16
+    #                   too, and --no-amp means float32 on the CPU as well
     num_workers: int = 2  # DataLoader workers
     cache_data: bool = False  # keep the preprocessed training samples in memory after their
     #                           first read (augmentation still runs on every read); with
@@ -205,7 +214,9 @@ CPU = Config(
     # Data generation and training; with the final evaluation and start-up 19:21 to 19:26
     # of wall time (docs/cpu_preset.md, round five), under the issue's 20.
     time_budget_min=19.0,
-    cpu_bf16=True,
+    # Mixed precision (Config's default, said here for the record): bf16 autocast on a CPU that
+    # runs it natively, 1.56x the float32 speed (docs/cpu_preset.md, training speed).
+    amp=True,
     num_workers=0,
     # Reading and preprocessing a sample (HDF5 decompression, resizing) took about 7 ms, 10 %
     # of a training step; kept in memory it is read once (about 1.5 GB for 2,000 samples).
@@ -235,8 +246,8 @@ _LIGHT = {
     "input_size": (448, 597),  # the hand-out's 800 x 1066 at the authors' 448 short side
 }
 
-# Settings a model brings with it, per preset: `config_from_args` applies them when the model
-# is picked with `--model`, to every field the user did not set with its own flag. The
+# Settings a model brings with it, per preset: `model_config` applies them (for `--model`,
+# through `config_from_args`) to every field the user did not set with its own flag. The
 # checkpoint stores the resulting config, so resume and inference rebuild the same model.
 # - cis680 (the paper-size preset): the authors' models. SOLOv2: kernel and category towers
 #   of 4 x 512, E = 256. Light variants: towers 2 x 256, E = 128, the light scale ranges and a
@@ -310,7 +321,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The preset named by `args.preset`, with every flag the user gave applied on top."""
+    """The preset named by `args.preset`, with every flag the user gave applied on top and the
+    model's own defaults under them (`model_config`)."""
     base = preset(args.preset)
     changes = {}
     for f in fields(Config):
@@ -324,23 +336,33 @@ def config_from_args(args: argparse.Namespace) -> Config:
         elif isinstance(value, list):
             value = tuple(value)
         changes[f.name] = value
-    given = set(changes)
-    # The picked model's own defaults, under the flags the user gave (MODEL_DEFAULTS).
-    model = changes.get("model", base.model)
+    cfg = dataclasses.replace(base, **changes)
+    return model_config(cfg, cfg.model, given=changes)
+
+
+def model_config(base: Config, model: str, given: Collection[str] = ()) -> Config:
+    """`base` for `model`: `MODEL_DEFAULTS[base.preset][model]` applied to every field not
+    named in `given` (the fields the caller set on purpose), the one place that does it for
+    the command line, the notebook, the heads' demo and the benchmarks.
+
+    `base` is a preset, or a preset whose `given` fields were changed. Scale ranges are in
+    input pixels: an `input_size` in `given` without `scale_ranges` rescales the ranges of the
+    input size they were made for (the model's own ranges and input, else the preset's) with
+    the short side (`scale_ranges_for`).
+
+    >>> model_config(CIS680, "solov2").stacked_convs  # the authors' 4 x 512 towers
+    4
+    """
     model_defaults = MODEL_DEFAULTS.get(base.preset, {}).get(model, {})
-    for name, value in model_defaults.items():
-        changes.setdefault(name, value)
-    # Scale ranges are in input pixels: a new input size without new ranges takes the ranges
-    # of the input size they were made for, scaled with the short side.
+    changes = {k: v for k, v in model_defaults.items() if k not in given}
     if "input_size" in given and "scale_ranges" not in given:
+        made = PRESETS.get(base.preset, Config())  # the preset's ranges, made for its input
+        ranges, made_for = made.scale_ranges, made.input_size
         if "scale_ranges" in model_defaults:  # the model's ranges, made for its input
             ranges = model_defaults["scale_ranges"]
-            made_for = model_defaults.get("input_size", base.input_size)
-        else:
-            ranges, made_for = base.scale_ranges, base.input_size
-        changes["scale_ranges"] = scale_ranges_for(ranges, made_for, changes["input_size"])
-    changes["preset"] = base.preset
-    return validate(dataclasses.replace(base, **changes))
+            made_for = model_defaults.get("input_size", made_for)
+        changes["scale_ranges"] = scale_ranges_for(ranges, made_for, base.input_size)
+    return validate(dataclasses.replace(base, model=model, **changes))
 
 
 def scale_ranges_for(
@@ -402,8 +424,17 @@ def config_to_dict(cfg: Config) -> dict:
     return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
+# Fields that older checkpoints' configs hold and this code no longer has: `cpu_bf16` became
+# `amp` (one flag for mixed precision), `channels_last` was measured no faster in float32 and
+# much slower with bf16 (docs/cpu_preset.md, training speed) and went. `config_from_dict`
+# drops them, so those checkpoints still load; any other unknown field stays an error.
+RETIRED_FIELDS = ("cpu_bf16", "channels_last")
+
+
 def config_from_dict(data: dict) -> Config:
-    """Inverse of `config_to_dict`; unknown keys (from a newer version) are an error."""
+    """Inverse of `config_to_dict`; unknown keys (from a newer version) are an error, the
+    `RETIRED_FIELDS` of older versions are dropped."""
+    data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
     known = {f.name for f in fields(Config)}
     unknown = set(data) - known
     if unknown:

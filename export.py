@@ -21,7 +21,7 @@ the top `max_instances`. Its outputs, padded to K = max_instances rows (real row
     num_candidates  () int64             (cell, class) entries above cate_thresh
     exact           () bool              the graph provably kept the PyTorch path's candidates
 
-Static shapes. The PyTorch path (`SOLOHead.PostProcessImg`, `postprocess.finish_single`) keeps
+Static shapes. The PyTorch path (`InstanceHead.PostProcessImg`, `postprocess.finish_single`) keeps
 every entry above cate_thresh, a number that depends on the image. The graph takes the
 M = max_candidates highest entries instead (one TopK), puts them back into the PyTorch path's
 (cell, class) order and gives those at or below the threshold no weight; every later step then
@@ -32,9 +32,10 @@ the results are still the same if pre_nms_num of the graph's candidates score (a
 above the best entry left out, whose score maskness can only lower. `exact` says whether one
 of the two holds; `main_infer.py --onnx` warns for each image where neither does.
 
-Outside the graph, in numpy (`finish_outputs`): the resize of the kept soft masks to the
-original image size (x4 bilinear upsampling, the crop of the bottom/right padding, the
-bilinear resize to the original size, as one pair of interpolation matrices), the threshold
+Outside the graph (`finish_outputs`, with the PyTorch path's `postprocess.resize_masks`): the
+resize of the kept soft masks to the original image size (x4 bilinear upsampling, the crop of
+the bottom/right padding, the bilinear resize to the original size, as one pair of
+interpolation matrices), the threshold
 at ins_thresh and the drop of masks left empty at that size. The crop and the last resize
 depend on each image's own size before padding and original size, which a fixed-size graph
 does not see, and the final masks' size differs per image; a graph output at that size would
@@ -93,10 +94,8 @@ import postprocess
 import synthetic
 from config import Config, config_from_dict, config_to_dict
 from dataset import IMAGENET_MEAN, IMAGENET_STD, build_data, padded_size
-from decoupled_head import DecoupledSOLOHead
 from errors import ModelFileError
 from model import load_model
-from solov2_head import SOLOv2Head
 
 # --------------------------------------------------------------------------------------------
 # config
@@ -112,31 +111,10 @@ SCORE_TOL = 1e-3  # ... and score difference
 CHECK_IMAGES = 4  # images the check compares by default
 EDGE_TOL = 1e-5  # a value this close to a threshold is a knife edge (see "Knife edges")
 CHECK_SEED = 680  # synthetic.py seed of the constructed check images
-RESIZE_CHUNK = 16  # masks resized at once in `finish_outputs`
 
 # --------------------------------------------------------------------------------------------
 # pure functions: the numpy finishing and the comparison
 # --------------------------------------------------------------------------------------------
-
-
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float32 matrix R with R @ v = 1-D bilinear resize of v.
-
-    The sampling of `F.interpolate(mode="bilinear", align_corners=False)` with a size: source
-    position (dst + 0.5) * in/out - 0.5, clamped at 0, between the two nearest inputs (the last
-    input repeated at the end), computed in float32 as PyTorch does for float input.
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_size, dtype=np.float32)
-    src = np.maximum((dst + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0.0))
-    i0 = np.minimum(src.astype(np.int64), in_size - 1)  # src >= 0: truncation is floor
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    lam = src - i0.astype(np.float32)
-    matrix = np.zeros((out_size, in_size), dtype=np.float32)
-    rows = np.arange(out_size)
-    np.add.at(matrix, (rows, i0), np.float32(1.0) - lam)
-    np.add.at(matrix, (rows, i1), lam)
-    return matrix
 
 
 def finish_outputs(
@@ -145,14 +123,12 @@ def finish_outputs(
     padded_size: tuple[int, int],
     orig_size: tuple[int, int],
     ins_thresh: float,
-    chunk: int = RESIZE_CHUNK,
+    chunk: int = postprocess.RESIZE_CHUNK,
 ) -> dict[str, np.ndarray]:
-    """The graph's padded outputs -> one image's instances, as `postprocess.resize_masks` and
-    the end of `postprocess.finish_single` make them, in numpy.
-
-    Soft masks (k, Hf, Wf) -> bilinear to (H, W) -> crop to (h, w) -> bilinear to (h0, w0)
-    -> > ins_thresh. All linear before the threshold, so it is one product per mask with a
-    (h0, Hf) and a (Wf, w0) matrix. Masks empty at the original size are dropped.
+    """The graph's padded outputs -> one image's instances, as the end of
+    `postprocess.finish_single` makes them: the kept soft masks (k, Hf, Wf) through
+    `postprocess.resize_masks` (bilinear to (H, W), crop to (h, w), bilinear to (h0, w0),
+    > ins_thresh), and the masks empty at the original size dropped.
 
     Args:
         outputs: the graph's outputs by name (`OUTPUT_NAMES`).
@@ -163,15 +139,11 @@ def finish_outputs(
         dict(masks (k, h0, w0) uint8, labels (k,) int64, scores (k,) float32), decreasing scores.
     """
     count = int(outputs["count"])
-    probs = np.asarray(outputs["masks"][:count], dtype=np.float32)  # (k, Hf, Wf) (or logits)
-    _, Hf, Wf = probs.shape
-    (h, w), (H, W), (h0, w0) = input_size, padded_size, orig_size
-    rows = bilinear_matrix(h, h0) @ bilinear_matrix(Hf, H)[:h]  # (h0, Hf): up, crop, resize
-    cols = bilinear_matrix(w, w0) @ bilinear_matrix(Wf, W)[:w]  # (w0, Wf)
-    masks = np.zeros((count, h0, w0), dtype=np.uint8)
-    for start in range(0, count, chunk):
-        soft = rows @ probs[start : start + chunk] @ cols.T  # (c, Hf, Wf) -> (c, h0, w0)
-        masks[start : start + chunk] = soft > np.float32(ins_thresh)
+    probs = torch.from_numpy(np.asarray(outputs["masks"][:count], dtype=np.float32))  # (k,Hf,Wf)
+    h0, w0 = orig_size
+    masks = postprocess.resize_masks(
+        probs, padded_size, input_size, orig_size, ins_thresh, chunk
+    ).numpy()  # (k, h0, w0) uint8
     nonempty = masks.reshape(count, h0 * w0).any(axis=1)  # (k, h0, w0) -> (k, h0*w0) -> (k,)
     return {
         "masks": masks[nonempty],
@@ -296,13 +268,6 @@ class InferenceGraph(nn.Module):
 
         self.model = model
         head = model.head
-        self.kind = (
-            "solov2"
-            if isinstance(head, SOLOv2Head)
-            else "decoupled"
-            if isinstance(head, DecoupledSOLOHead)
-            else "solo"
-        )
         grids = tuple(head.num_grids)
         num_cells = sum(S * S for S in grids)
         self.num_entries = num_cells * head.cate_out_channels
@@ -312,63 +277,19 @@ class InferenceGraph(nn.Module):
                 f">= 1"
             )
         self.max_candidates = min(int(max_candidates), self.num_entries)  # M
-        self.nms_slots = min(int(head.pre_NMS_num), self.max_candidates)  # P
+        self.nms_slots = min(int(head.pre_nms_num), self.max_candidates)  # P
         self.max_instances = min(int(max_instances), self.nms_slots)  # K
         # SOLOv2 trained with an upsampled mask loss gives its kept masks as logits, which the
         # finishing resizes as `postprocess.finish_single` does with mask_logits.
-        self.mask_values = "logits" if self.kind == "solov2" and head.mask_upsample > 1 else "probs"
-        # Per cell (numbered level by level, row-major, as the PyTorch path numbers them): its
-        # level, its level's stride, and (Decoupled SOLO) its X and Y channels in the levels'
-        # concatenated X and Y maps: cell (i, j) of a level uses X_j and Y_i.
+        self.mask_values = "logits" if head.resize_logits else "probs"
+        # Each cell's level's stride (cells numbered level by level, row-major, as the PyTorch
+        # path numbers them), for the small-mask filter.
         level = torch.repeat_interleave(
             torch.arange(len(grids)), torch.tensor([S * S for S in grids])
         )  # (cells,)
-        offsets = torch.tensor((0, *grids[:-1])).cumsum(0)  # first channel of each level
-        local = torch.cat([torch.arange(S * S) for S in grids])  # (cells,) i*S + j
-        S_of = torch.tensor(grids)[level]
-        self.register_buffer("cell_level", level, persistent=False)
         self.register_buffer(
             "cell_stride", torch.tensor(head.strides, dtype=torch.float32)[level], persistent=False
         )
-        self.register_buffer("cell_x", offsets[level] + local % S_of, persistent=False)
-        self.register_buffer("cell_y", offsets[level] + local // S_of, persistent=False)
-
-    def candidate_logits(self, preds: tuple, cell: Tensor) -> Tensor:
-        """SOLOv2: mask logits (M, Hf, Wf) of the cells `cell` (M,) from the head's eval outputs
-        (kernel rows times the mask features, as `dynamic_mask_logits`)."""
-        _, lvl_kernels, mask_feat = preds  # per level (1, E, S, S); (1, E, Hf, Wf)
-        _, E, Hf, Wf = mask_feat.shape
-        # per level (E, S, S) -> (S*S, E), then all levels: (cells, E)
-        kernels = torch.cat([k[0].permute(1, 2, 0).reshape(-1, E) for k in lvl_kernels])
-        logits = kernels[cell] @ mask_feat[0].reshape(E, Hf * Wf)  # (M, Hf*Wf)
-        return logits.reshape(cell.shape[0], Hf, Wf)
-
-    def candidate_masks(self, preds: tuple, cell: Tensor) -> Tensor:
-        """Soft masks (M, Hf, Wf) of the cells `cell` (M,) from the head's eval outputs."""
-        head = self.model.head
-        M = cell.shape[0]
-        if self.kind == "solov2":
-            return torch.sigmoid(self.candidate_logits(preds, cell))
-        if self.kind == "decoupled":
-            _, lvl_x, lvl_y = preds  # per level (1, S, Hf, Wf) probabilities
-            x_all = torch.cat([x[0] for x in lvl_x])  # (sum S, Hf, Wf)
-            y_all = torch.cat([y[0] for y in lvl_y])
-            return x_all[self.cell_x[cell]] * y_all[self.cell_y[cell]]  # as decoupled_masks
-        # SOLO: row `cell` of its level's 1x1 output conv on that level's mask features. One
-        # product over the levels' stacked features, the other levels' weights zeroed: L times
-        # the work of the PyTorch path's per-level products, in one static-shape MatMul.
-        _, lvl_feats = preds  # per level (1, D, Hf, Wf)
-        L = len(lvl_feats)
-        _, D, Hf, Wf = lvl_feats[0].shape
-        # per level (S^2, D, 1, 1) -> (S^2, D), then all levels: (cells, D) and (cells,)
-        weight = torch.cat([conv.weight.reshape(-1, D) for conv in head.mask_out])
-        bias = torch.cat([conv.bias for conv in head.mask_out])
-        levels = torch.arange(L, device=cell.device)
-        on_level = (self.cell_level[cell][:, None] == levels[None]).to(weight.dtype)  # (M, L)
-        kernels = (weight[cell][:, None, :] * on_level[:, :, None]).reshape(M, L * D)
-        feats = torch.cat([f[0] for f in lvl_feats]).reshape(L * D, Hf * Wf)  # (L*D, Hf*Wf)
-        logits = kernels @ feats + bias[cell][:, None]  # (M, Hf*Wf)
-        return torch.sigmoid(logits).reshape(M, Hf, Wf)
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         head = self.model.head
@@ -391,11 +312,7 @@ class InferenceGraph(nn.Module):
         cell, labels = entries // C, entries % C + 1
         passed = cand_scores > head.cate_thresh
 
-        if self.mask_values == "logits":
-            logits = self.candidate_logits(preds, cell)  # (M, Hf, Wf)
-            probs = torch.sigmoid(logits)
-        else:
-            probs = self.candidate_masks(preds, cell)  # (M, Hf, Wf)
+        probs, logits = head.candidate_masks(preds, cell, static=True)  # (M, Hf, Wf) each
         binary = probs > head.ins_thresh
         area = binary.sum(dim=(1, 2)).to(probs.dtype)  # (M,)
         keep = passed & (area > 0)
@@ -405,7 +322,7 @@ class InferenceGraph(nn.Module):
         scores = torch.where(keep, cand_scores * maskness, -1.0)  # dropped ones sort last
         # scores <= category scores, so nothing left out can beat this many of the kept ones
         above_left_out = (scores > best_left_out).sum()
-        exact = (num_candidates <= M) | (above_left_out >= head.pre_NMS_num)
+        exact = (num_candidates <= M) | (above_left_out >= head.pre_nms_num)
 
         # The top pre_nms_num, in the PyTorch path's order (a stable sort of (cell, class)
         # order); the dropped candidates come after every kept one and decay none of them.
@@ -565,7 +482,7 @@ def export_onnx(
         raise ValueError(f"export: the input size must be multiples of 32, got {(H, W)}")
     graph = InferenceGraph(
         model,
-        max_candidates or head.pre_NMS_num,
+        max_candidates or head.pre_nms_num,
         max_instances or head.keep_instance,
     ).eval()
     path = Path(path)
@@ -602,7 +519,7 @@ def export_onnx(
         "ins_thresh": head.ins_thresh,
         "mask_values": graph.mask_values,
         "update_thresh": head.update_thresh,
-        "pre_nms_num": head.pre_NMS_num,
+        "pre_nms_num": head.pre_nms_num,
         "nms_kernel": head.nms_kernel,
         "nms_sigma": head.nms_sigma,
         "max_candidates": graph.max_candidates,
@@ -677,8 +594,7 @@ def check_export(
         x, meta_x = graph_input(img, meta, runner.frame, runner.cfg.pad_to, raw)
         preds = head(model.backbone(x), eval=True)
         (reference,) = head.PostProcess(preds, [meta_x], padded_size=tuple(x.shape[-2:]))
-        img_preds = [p[0] if isinstance(p, Tensor) else [t[0] for t in p] for p in preds]
-        cells = head.candidates(img_preds[0])[0]
+        cells = head.candidates([c[0] for c in preds[0]])[0]
         torch_candidates = cells.numel()
         _, result, outputs = runner.predict(img, meta, raw)
         name = meta.get("file_name", meta.get("image_id"))
@@ -725,8 +641,7 @@ def knife_edges(model: nn.Module, preds: tuple, cells: Tensor) -> int:
     head = model.head
     edges = sum(_near(c, head.cate_thresh) for c in preds[0])
     if cells.numel():
-        graph = InferenceGraph(model, max_candidates=1, max_instances=1)
-        edges += _near(graph.candidate_masks(preds, cells.unique()), head.ins_thresh)
+        edges += _near(head.candidate_masks(preds, cells.unique())[0], head.ins_thresh)
     return edges
 
 

@@ -43,8 +43,18 @@ from backbone import build_backbone
 from config import MODELS, Config, config_from_dict, config_to_dict
 from decoupled_head import DecoupledSOLOHead
 from errors import CheckpointWriteError, ModelFileError
-from solo_head import SOLOHead, image_frame
+from solo_head import SOLOHead, head_config, image_frame
 from solov2_head import SOLOv2Head
+
+# config.MODELS -> head; the light variants differ only in their settings (config.MODEL_DEFAULTS,
+# and `head_config` gives decoupled_solo_light its shared X/Y tower).
+HEADS = {
+    "solo": SOLOHead,
+    "decoupled_solo": DecoupledSOLOHead,
+    "decoupled_solo_light": DecoupledSOLOHead,
+    "solov2": SOLOv2Head,
+    "solov2_light": SOLOv2Head,
+}
 
 
 def _float(preds):
@@ -141,42 +151,9 @@ def build_model(cfg: Config, num_classes: int) -> SOLOModel:
 
 def build_head(cfg: Config, num_classes: int) -> nn.Module:
     """The head of `cfg.model` for `num_classes` object classes (background not counted)."""
-    if cfg.model not in MODELS:
+    if cfg.model not in HEADS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {MODELS}")
-    common = dict(
-        num_classes=num_classes + 1,
-        in_channels=cfg.fpn_channels,
-        seg_feat_channels=cfg.seg_feat_channels,
-        stacked_convs=cfg.stacked_convs,
-        strides=cfg.strides,
-        scale_ranges=cfg.scale_ranges,
-        epsilon=cfg.epsilon,
-        num_grids=cfg.num_grids,
-        mask_loss_weight=cfg.mask_loss_weight,
-        focal_gamma=cfg.focal_gamma,
-        focal_alpha=cfg.focal_alpha,
-        focal_norm=cfg.focal_norm,
-        init=cfg.init,
-        gn_groups=min(32, cfg.seg_feat_channels),
-        cate_thresh=cfg.cate_thresh,
-        ins_thresh=cfg.ins_thresh,
-        pre_NMS_num=cfg.pre_nms_num,
-        keep_instance=cfg.keep_instance,
-        nms_kernel=cfg.nms_kernel,
-        nms_sigma=cfg.nms_sigma,
-        update_thresh=cfg.update_thresh,
-    )
-    if cfg.model == "solo":
-        return SOLOHead(**common)
-    if cfg.model in ("decoupled_solo", "decoupled_solo_light"):
-        # The light head shares one X/Y tower (the authors' DecoupledSOLOLightHead).
-        return DecoupledSOLOHead(**common, shared_xy_tower=cfg.model == "decoupled_solo_light")
-    return SOLOv2Head(
-        **common,
-        kernel_channels=cfg.kernel_channels,
-        mask_feat_channels=cfg.mask_feat_channels,
-        mask_loss_stride=cfg.mask_loss_stride,
-    )
+    return HEADS[cfg.model](num_classes + 1, head_config(cfg))
 
 
 # --------------------------------------------------------------------------------------------

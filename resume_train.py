@@ -22,8 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from config import validate
-from main_train import free_run_number, numbered_run_dir, train
 from model import config_of, load_checkpoint
+from training import free_run_number, numbered_run_dir, train
 
 # Settings that may change when resuming; everything else (model, data, schedule shape)
 # comes from the checkpoint.

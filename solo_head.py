@@ -44,7 +44,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -55,18 +55,19 @@ from torch import Tensor
 
 import dataset
 import postprocess
-from config import MODEL_DEFAULTS, MODELS, PRESETS, preset
+from config import CIS680, MODELS, PRESETS, Config, model_config, preset
 from synthetic import ensure_builtin_dataset
 from visualize import draw_instances, plot_gt_levels
 
 # --------------------------------------------------------------------------------------------
-# config (hand-out 6.1.1 defaults; tuples, never lists)
+# config (the hand-out's settings are config.CIS680's; a head's are a `HeadConfig`, below)
 # --------------------------------------------------------------------------------------------
 
-STRIDES = (8, 8, 16, 32, 32)  # after NewFPN, pixels of the padded input per feature cell
-SCALE_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))  # sqrt(w h), pixels
-NUM_GRIDS = (40, 36, 24, 16, 12)  # S per level
-EPSILON = 0.2  # centre-region scale (paper sec. 3.3.1: the region is (cx, cy, eps w, eps h))
+STRIDES = CIS680.strides  # after NewFPN, pixels of the padded input per feature cell
+SCALE_RANGES = CIS680.scale_ranges  # sqrt(w h) bounds per level, pixels
+NUM_GRIDS = CIS680.num_grids  # S per level
+EPSILON = CIS680.epsilon  # centre-region scale (paper sec. 3.3.1: (cx, cy, eps w, eps h))
+Size = tuple[int, int]  # (h, w)
 PRIOR_PROB = 0.01  # focal-loss prior (RetinaNet sec. 4.1): start every class at p = 0.01
 FOCAL_NORMS = ("positives", "entries")
 INITS = ("authors", "xavier")
@@ -157,7 +158,8 @@ def cell_levels(cell_idx: Tensor, num_grids: Sequence[int]) -> tuple[Tensor, Ten
     """
     sizes = torch.tensor(num_grids, device=cell_idx.device).pow(2)  # (L,) cells per level
     ends = sizes.cumsum(0)
-    level = torch.searchsorted(ends, cell_idx, right=True)
+    # Levels whose cells all come before: a comparison and a sum, which the ONNX export takes.
+    level = (cell_idx[:, None] >= ends[None]).sum(1)  # (n, L) -> (n,)
     return level, cell_idx - (ends - sizes)[level]
 
 
@@ -191,6 +193,8 @@ def mask_logits_for_cells(
         return mask_feat.new_zeros((0, h, w))
     kernels = weight[cell_idx].reshape(K, D)  # (K, D, 1, 1) -> (K, D)
     biases = bias[cell_idx].unsqueeze(1)  # (K,) -> (K, 1)
+    if B == 1:  # one image (inference, the ONNX graph): one product, no grouping
+        return torch.addmm(biases, kernels, mask_feat.reshape(D, h * w)).reshape(K, h, w)
     # One (D, h*w) view per image. unbind, not feat_flat[b]: the backward of each [b] writes
     # a zero gradient of the whole batch, and these add up (the CPU preset's training step,
     # timed side by side: 1-2 % faster).
@@ -441,69 +445,72 @@ def dice_loss(pred_probs: Tensor, targets: Tensor, eps: float = 1e-3) -> Tensor:
     return 1 - 2 * inter / ((p * p).sum(1) + eps + (q * q).sum(1) + eps)
 
 
-def solo_loss(
+def category_loss(
     lvl_cate_preds: Sequence[Tensor],
-    lvl_mask_feats: Sequence[Tensor],
-    lvl_mask_weights: Sequence[Tensor],
-    lvl_mask_biases: Sequence[Tensor],
-    img_lvl_ins_label: Sequence[Sequence[Tensor]],
     img_lvl_cate_label: Sequence[Sequence[Tensor]],
-    img_lvl_ins_ind_label: Sequence[Sequence[Tensor]],
-    mask_loss_weight: float = 3.0,
-    cate_loss_weight: float = 1.0,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
     focal_norm: str = "positives",
-    dice_eps: float = 1e-3,
-) -> dict[str, Tensor | int]:
-    """L = cate_w L_cate + mask_w L_mask over a batch (hand-out 6.9), positive masks only.
+) -> Tensor:
+    """The category loss of a batch: `focal_loss` of all cells of all levels and images.
 
-    Args:
-        lvl_cate_preds: per level (B, C, S, S) category logits.
-        lvl_mask_feats: per level (B, D, h_l, w_l) mask-tower features.
-        lvl_mask_weights / lvl_mask_biases: per level (S^2, D, 1, 1) / (S^2,) of the 1x1 conv.
-        img_lvl_*: `target` output: per image, per level (P, h_l, w_l) uint8 / (S, S) int64 /
-            (S*S,) bool.
-    Returns:
-        dict with "total", "cate", "mask" scalars and "num_pos" (int, positive cells). With no
-        positive cell the mask loss is a zero still connected to the graph.
+    lvl_cate_preds: per level (B, C, S, S) logits; img_lvl_cate_label: per image, per level
+    (S, S) int64 in 0..C. Normaliser `focal_normalizer(focal_norm)`. Returns a float32 scalar.
     """
-    # Category: (B, C, S, S) -> (B*S*S, C) per level, cells row-major within image and level,
-    # matching the (S, S) -> (S*S,) flattening of the labels.
     C = lvl_cate_preds[0].shape[1]
-    cate_logits = torch.cat([p.permute(0, 2, 3, 1).reshape(-1, C) for p in lvl_cate_preds])
-    cate_targets = torch.cat(
+    # (B, C, S, S) -> (B*S*S, C) per level, cells row-major within image and level, matching the
+    # (S, S) -> (S*S,) flattening of the labels stacked over images.
+    logits = torch.cat([p.permute(0, 2, 3, 1).reshape(-1, C) for p in lvl_cate_preds])
+    targets = torch.cat(
         [torch.stack(lvl_labels).flatten() for lvl_labels in zip(*img_lvl_cate_label, strict=True)]
     )  # per level (B, S, S) -> (B*S*S,), then all levels
-    normalizer = focal_normalizer(cate_targets, C, focal_norm)
-    cate = focal_loss(cate_logits, cate_targets, focal_alpha, focal_gamma, normalizer)
+    normalizer = focal_normalizer(targets, C, focal_norm)
+    return focal_loss(logits, targets, focal_alpha, focal_gamma, normalizer)
 
-    # Mask: per level the positive (image, cell) pairs, image-major then increasing cell,
-    # the order in which `target` stores the positive masks.
-    lvl_dice = []
-    for level, mask_feat in enumerate(lvl_mask_feats):
-        ins_ind = torch.stack([lvl[level] for lvl in img_lvl_ins_ind_label])  # (B, S*S)
-        img_idx, cell_idx = ins_ind.nonzero(as_tuple=True)  # (K,), (K,)
-        if img_idx.numel() == 0:
-            continue
-        targets = torch.cat([lvl[level] for lvl in img_lvl_ins_label])  # (K, h_l, w_l)
-        logits = mask_logits_for_cells(
-            mask_feat, img_idx, cell_idx, lvl_mask_weights[level], lvl_mask_biases[level]
-        )
-        lvl_dice.append(dice_loss(torch.sigmoid(logits.float()), targets, dice_eps))
+
+def level_positives(
+    img_lvl_ins_ind_label: Sequence[Sequence[Tensor]],
+    img_lvl_ins_label: Sequence[Sequence[Tensor]],
+    level: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The positive (image, cell) pairs of one level and their target masks.
+
+    Image-major, then increasing cell: the order in which `target_single_img` stores the
+    positive masks. Returns img_idx (K,) int64, cell_idx (K,) int64 (i*S + j), targets
+    (K, h_l, w_l) uint8.
+    """
+    ins_ind = torch.stack([lvl[level] for lvl in img_lvl_ins_ind_label])  # (B, S*S)
+    img_idx, cell_idx = ins_ind.nonzero(as_tuple=True)  # (K,), (K,)
+    return img_idx, cell_idx, torch.cat([lvl[level] for lvl in img_lvl_ins_label])
+
+
+def total_loss(
+    cate: Tensor,
+    lvl_dice: Sequence[Tensor],
+    anchor: Tensor,
+    mask_loss_weight: float = 3.0,
+    cate_loss_weight: float = 1.0,
+) -> dict[str, Tensor | int]:
+    """L = cate_w L_cate + mask_w L_mask (hand-out 6.9): L_mask is the mean of the positive
+    cells' dice terms, `lvl_dice` (per level (K_l,)); `anchor` an exact zero added to it.
+
+    Returns dict with "total", "cate", "mask" scalars and "num_pos" (int, positive cells). With
+    no positive cell the mask loss is the anchor: zero, still connected to the graph.
+    """
     num_pos = sum(d.numel() for d in lvl_dice)
-    # An exact zero that keeps every mask parameter in the graph, also on levels (or whole
-    # batches) without positives: DistributedDataParallel needs a gradient for each.
-    anchor = 0.0 * sum(
-        w.float().sum() + b.float().sum()
-        for w, b in zip(lvl_mask_weights, lvl_mask_biases, strict=True)
-    )
-    if num_pos:
-        mask = torch.cat(lvl_dice).mean() + anchor
-    else:
-        mask = anchor + 0.0 * sum(f.float().sum() for f in lvl_mask_feats)
+    mask = torch.cat(list(lvl_dice)).mean() + anchor if num_pos else anchor
     total = cate_loss_weight * cate + mask_loss_weight * mask
     return {"total": total, "cate": cate, "mask": mask, "num_pos": num_pos}
+
+
+def check_labels(labels_list: Sequence[Tensor], num_classes: int, who: str) -> None:
+    """Raise a ValueError unless every label is a class id in 1..num_classes - 1."""
+    labels = torch.cat([lab.reshape(-1) for lab in labels_list])
+    if labels.numel() and not (1 <= labels.min() <= labels.max() < num_classes):
+        raise ValueError(
+            f"{who}: labels must be class ids in 1..{num_classes - 1}, got values "
+            f"{labels.min().item()}..{labels.max().item()}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,132 +526,133 @@ def _conv_gn_relu(in_channels: int, out_channels: int, groups: int) -> nn.Sequen
     )
 
 
-class SOLOHead(nn.Module):
-    """SOLO category and mask branches over the five pyramid levels (hand-out 6.1-6.11).
+@dataclass(frozen=True)
+class HeadConfig:
+    """Every setting a head reads, under `config.Config`'s names; `head_config` makes one from a
+    Config, and a head is built from one whole (`SOLOHead(num_classes, head_cfg)`).
 
-    `forward(fpn_feats, eval=False)` -> (lvl_cate_preds, lvl_mask_feats):
-    training: per level (B, C, S, S) category logits and (B, D, 2Hf_l, 2Wf_l) mask-tower
-    features (the 1x1 output conv `mask_out[l]` is applied later, only where needed);
-    eval=True: per level (B, C, S, S) probabilities after point NMS and (B, D, H/4, W/4)
-    features, all levels at one size (bilinear; the 1x1 conv is linear, so this equals
-    resizing the logits).
+    The fields without a Config counterpart: in_channels (the FPN's channels), gn_groups (the
+    towers' GroupNorm groups), shared_xy_tower (Decoupled SOLO light), and three settings no
+    preset changes (cate_loss_weight, dice_eps, filter_small_masks), which keep their defaults.
+    """
+
+    in_channels: int  # F, the FPN's channels
+    seg_feat_channels: int  # D, tower width
+    stacked_convs: int  # tower depth
+    strides: tuple[int, ...]  # per level after NewFPN
+    scale_ranges: tuple[tuple[float, float], ...]  # sqrt(w h) bounds per level
+    num_grids: tuple[int, ...]  # S per level
+    epsilon: float  # centre-region scale
+    mask_loss_weight: float  # lambda
+    focal_alpha: float
+    focal_gamma: float
+    focal_norm: str  # "positives" (authors) or "entries" (hand-out); `focal_normalizer`
+    init: str  # "authors" or "xavier" (hand-out); `InstanceHead._init_weights`
+    gn_groups: int
+    cate_thresh: float  # post-processing (hand-out 6.10) ...
+    ins_thresh: float
+    pre_nms_num: int
+    keep_instance: int
+    nms_kernel: str
+    nms_sigma: float
+    update_thresh: float  # ... drop decayed scores below this
+    kernel_channels: int  # SOLOv2: E, mask-feature channels = length of a dynamic kernel
+    mask_feat_channels: int  # SOLOv2: width of the mask-feature branch
+    mask_loss_stride: int  # SOLOv2: 4 (authors), 2 or 1; see `SOLOv2Head`
+    shared_xy_tower: bool = False  # Decoupled SOLO: one X/Y tower (light) or two
+    cate_loss_weight: float = 1.0
+    dice_eps: float = 1e-3  # added to both denominator sums of the dice loss (authors)
+    # Drop candidates whose binary mask (at H/4 x W/4) has no more pixels than its level's
+    # stride, as the authors' get_seg_single does.
+    filter_small_masks: bool = True
+
+    def __post_init__(self):
+        # tuples, never lists (a checkpoint's json gives lists)
+        object.__setattr__(self, "strides", tuple(self.strides))
+        object.__setattr__(self, "scale_ranges", tuple(tuple(r) for r in self.scale_ranges))
+        object.__setattr__(self, "num_grids", tuple(self.num_grids))
+        if not len(self.scale_ranges) == len(self.num_grids) == len(self.strides) == 5:
+            raise ValueError("strides, scale_ranges and num_grids need 5 entries (P2..P6)")
+        if self.focal_norm not in FOCAL_NORMS:
+            raise ValueError(f"focal_norm must be one of {FOCAL_NORMS}, got {self.focal_norm!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.mask_loss_stride not in (1, 2, 4):
+            raise ValueError(f"mask_loss_stride must be 1, 2 or 4, got {self.mask_loss_stride!r}")
+
+
+def head_config(cfg: Config) -> HeadConfig:
+    """The head settings of a `config.Config`: its fields of the same names, the FPN's channels
+    as the head's input, GroupNorm groups min(32, D), and the shared X/Y tower of
+    `decoupled_solo_light`."""
+    shared = {f.name for f in fields(HeadConfig)} & {f.name for f in fields(Config)}
+    return HeadConfig(
+        **{name: getattr(cfg, name) for name in shared},
+        in_channels=cfg.fpn_channels,
+        gn_groups=min(32, cfg.seg_feat_channels),
+        shared_xy_tower=cfg.model == "decoupled_solo_light",
+    )
+
+
+class InstanceHead(nn.Module):
+    """What SOLO, Decoupled SOLO and SOLOv2 share; the heads differ only where the papers do.
+
+    A head defines its layers (`_init_layers`), the convs whose bias starts at the focal prior
+    (`prior_convs`), `forward(fpn_feats, eval)` -> a tuple whose first entry is the per-level
+    category maps, and `cell_masks`: the masks of given cells of one level, the one place where
+    a head's masks are made, used by the loss, by post-processing and by the ONNX export. This
+    class holds the rest: the targets, the loss (labels checked, targets, category focal loss,
+    the dice of the positive cells' masks), the post-processing (candidates, their masks,
+    `postprocess.finish_single`) and, in one block at the end, the hand-out's method names.
 
     `eval` is the hand-out's flag and independent of `nn.Module.train()/eval()` (GroupNorm
     has no running statistics); a validation loss uses eval=False under torch.no_grad().
     """
 
-    def __init__(
-        self,
-        num_classes: int = 4,
-        in_channels: int = 256,
-        seg_feat_channels: int = 256,
-        stacked_convs: int = 7,
-        strides: tuple[int, ...] = STRIDES,
-        scale_ranges: tuple[tuple[float, float], ...] = SCALE_RANGES,
-        epsilon: float = EPSILON,
-        num_grids: tuple[int, ...] = NUM_GRIDS,
-        mask_loss_weight: float = 3.0,
-        cate_loss_weight: float = 1.0,
-        focal_gamma: float = 2.0,
-        focal_alpha: float = 0.25,
-        focal_norm: str = "positives",
-        dice_eps: float = 1e-3,
-        init: str = "authors",
-        gn_groups: int = 32,
-        cate_thresh: float = 0.2,
-        ins_thresh: float = 0.5,
-        pre_NMS_num: int = 50,
-        keep_instance: int = 5,
-        IoU_thresh: float = 0.5,
-        nms_kernel: str = "gaussian",
-        nms_sigma: float = 2.0,
-        update_thresh: float = 0.0,
-        filter_small_masks: bool = True,
-    ):
-        """Args (hand-out 6.1.1 names and defaults; the config dicts are flattened):
-        num_classes: C + 1, counting background (hand-out: 4 = 3 classes + background).
-        in_channels: FPN channels; seg_feat_channels: tower width D; stacked_convs: tower depth.
-        strides, scale_ranges, num_grids: per level after NewFPN; epsilon: centre region.
-        mask_loss_weight (lambda = 3), cate_loss_weight, focal_gamma, focal_alpha.
-        focal_norm: "positives" (authors, default) or "entries" (hand-out); `focal_normalizer`.
-        dice_eps: added to both denominator sums of the dice loss (authors' 0.001).
-        init: "authors" (default) or "xavier" (hand-out); see `_init_weights`.
-        gn_groups: GroupNorm groups of the towers (hand-out: 32).
-        cate_thresh, ins_thresh, pre_NMS_num, keep_instance: post-processing (hand-out 6.10).
-        IoU_thresh: kept for the hand-out's signature; Matrix NMS decays scores instead of
-            cutting at an IoU, so nothing reads it. update_thresh drops decayed scores below it.
-        nms_kernel, nms_sigma: Matrix NMS kernel ("gaussian", sigma 2 as the authors).
-        filter_small_masks: drop candidates whose binary mask (at H/4 x W/4) has no more pixels
-            than its level's stride, as the authors' get_seg_single does.
-        """
+    model = "solo"  # the config.MODELS entry whose cis680 settings a bare head takes
+
+    def __init__(self, num_classes: int = 4, cfg: HeadConfig | None = None, **overrides):
+        """num_classes: C + 1, counting background (hand-out: 4 = 3 classes + background).
+        cfg: the head's settings (`head_config`); default the cis680 preset's for this head's
+        model (the hand-out's, the authors' for Decoupled SOLO and SOLOv2). overrides: fields
+        of HeadConfig to change (`pre_NMS_num`, the hand-out's spelling, is pre_nms_num)."""
         super().__init__()
-        levels = len(strides)
-        if not len(scale_ranges) == len(num_grids) == levels == 5:
-            raise ValueError("strides, scale_ranges and num_grids need 5 entries (P2..P6)")
-        if focal_norm not in FOCAL_NORMS:
-            raise ValueError(f"focal_norm must be one of {FOCAL_NORMS}, got {focal_norm!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if "pre_NMS_num" in overrides:
+            overrides["pre_nms_num"] = overrides.pop("pre_NMS_num")
+        cfg = replace(cfg or head_config(model_config(CIS680, self.model)), **overrides)
         self.num_classes = num_classes
         self.cate_out_channels = num_classes - 1
-        self.in_channels = in_channels
-        self.seg_feat_channels = seg_feat_channels
-        self.stacked_convs = stacked_convs
-        self.strides = tuple(strides)
-        self.scale_ranges = tuple(tuple(r) for r in scale_ranges)
-        self.epsilon = epsilon
-        self.num_grids = tuple(num_grids)
-        self.mask_loss_weight = mask_loss_weight
-        self.cate_loss_weight = cate_loss_weight
-        self.focal_gamma = focal_gamma
-        self.focal_alpha = focal_alpha
-        self.focal_norm = focal_norm
-        self.dice_eps = dice_eps
-        self.init = init
-        self.gn_groups = gn_groups
-        self.cate_thresh = cate_thresh
-        self.ins_thresh = ins_thresh
-        self.pre_NMS_num = pre_NMS_num
-        self.keep_instance = keep_instance
-        self.IoU_thresh = IoU_thresh
-        self.nms_kernel = nms_kernel
-        self.nms_sigma = nms_sigma
-        self.update_thresh = update_thresh
-        self.filter_small_masks = filter_small_masks
+        # Every setting as a plain attribute (head.num_grids, head.ins_thresh, ...), settable.
+        for f in fields(cfg):
+            setattr(self, f.name, getattr(cfg, f.name))
         self._init_layers()
         self._init_weights()
 
-    # --- network (hand-out 6.1.2, 6.1.3) ---
+    # --- network ---
 
     def _init_layers(self) -> None:
-        """Category tower (in -> D), mask tower (in + 2 -> D), output convs (hand-out 6.1.2)."""
+        raise NotImplementedError(f"{type(self).__name__} must define its layers")
+
+    def prior_convs(self) -> list[nn.Conv2d]:
+        """The output convs whose bias starts at the focal prior under init="authors"."""
+        return [self.cate_out]
+
+    def _tower(self, in_channels: int) -> nn.Sequential:
+        """stacked_convs x (conv3x3 D, GroupNorm, ReLU), the first from `in_channels`."""
         D, G = self.seg_feat_channels, self.gn_groups
-        self.cate_convs = nn.Sequential(
-            *[
-                _conv_gn_relu(self.in_channels if i == 0 else D, D, G)
-                for i in range(self.stacked_convs)
-            ]
+        return nn.Sequential(
+            *[_conv_gn_relu(in_channels if i == 0 else D, D, G) for i in range(self.stacked_convs)]
         )
-        self.mask_convs = nn.Sequential(
-            *[
-                _conv_gn_relu(self.in_channels + 2 if i == 0 else D, D, G)
-                for i in range(self.stacked_convs)
-            ]
-        )
-        self.cate_out = nn.Conv2d(D, self.cate_out_channels, 3, padding=1)
-        # One 1x1 conv (no padding, hand-out update) per level: S^2 output channels each.
-        self.mask_out = nn.ModuleList([nn.Conv2d(D, S * S, 1) for S in self.num_grids])
 
     def _init_weights(self) -> None:
         """Two choices (`init`); GroupNorm keeps weight 1, bias 0 in both.
 
         "authors" (default; WXinlong/SOLO, the RetinaNet init): conv weights normal(0, 0.01),
-        both output biases at the prior -log((1 - 0.01) / 0.01) = -log(99). Every category
-        starts at p = 0.01, so the focal loss of the ~99.9 % negative entries starts small
-        instead of swamping the first steps with a huge, noisy gradient.
+        zero biases, and the biases of `prior_convs` at the prior -log((1 - 0.01) / 0.01) =
+        -log(99). Every category starts at p = 0.01, so the focal loss of the ~99.9 % negative
+        entries starts small instead of swamping the first steps with a huge, noisy gradient.
         "xavier" (hand-out 6.1.3): xavier_uniform_ weights, zero biases (every p near 0.5).
         """
-        prior_bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 if self.init == "authors":
@@ -654,77 +662,32 @@ class SOLOHead(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         if self.init == "authors":
-            nn.init.constant_(self.cate_out.bias, prior_bias)
-            for conv in self.mask_out:
+            prior_bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
+            for conv in self.prior_convs():
                 nn.init.constant_(conv.bias, prior_bias)
 
-    # --- forward (hand-out 6.2-6.4) ---
-
-    def NewFPN(self, fpn_feat_list: Sequence[Tensor]) -> list[Tensor]:
-        """Strides [4, 8, 16, 32, 64] -> [8, 8, 16, 32, 32]; see `new_fpn`."""
-        return new_fpn(fpn_feat_list)
-
-    @staticmethod
-    def MultiApply(func: Callable, *args, **kwargs) -> tuple[list, ...]:
-        """The hand-out's sequential map + transpose; see `multi_apply`."""
-        return multi_apply(func, *args, **kwargs)
-
-    def forward(
-        self, fpn_feats: Sequence[Tensor], eval: bool = False
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """fpn_feats: [P2..P6] from the backbone, (B, in_channels, H/4..H/64, ...).
-
-        Returns (lvl_cate_preds, lvl_mask_feats), see the class docstring.
-        """
+    def forward(self, fpn_feats: Sequence[Tensor], eval: bool = False) -> tuple[list, ...]:
+        """fpn_feats: [P2..P6] from the backbone, (B, F, H/4..H/64, ...) -> the head's outputs,
+        per level, from `forward_single_level` on the NewFPN levels (SOLO, Decoupled SOLO;
+        SOLOv2 adds its mask-feature branch). eval=True: the level-0 mask size H/4 x W/4 is
+        every level's (`upsampled_size`)."""
         feats = self.NewFPN(fpn_feats)
         Hf0, Wf0 = feats[0].shape[-2:]
-        upsampled_size = (2 * Hf0, 2 * Wf0)  # H/4 x W/4: the level-0 mask size
         return self.MultiApply(
             self.forward_single_level,
             feats,
             range(len(feats)),
             eval=eval,
-            upsampled_size=upsampled_size,
+            upsampled_size=(2 * Hf0, 2 * Wf0),  # H/4 x W/4: the level-0 mask size
         )
 
-    def forward_single_level(
-        self,
-        feat: Tensor,
-        level: int,
-        eval: bool = False,
-        upsampled_size: tuple[int, int] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """One level: feat (B, in, Hf, Wf) -> (cate (B, C, S, S), mask feat (B, D, 2Hf, 2Wf)).
-
-        eval=True: cate is sigmoid + point NMS, mask feat resized to `upsampled_size`.
-        """
-        B, _, Hf, Wf = feat.shape
-        S = self.num_grids[level]
-        # Category branch: the grid is the feature map resized to S x S (paper sec. 3.2).
-        cate_feat = F.interpolate(feat, size=(S, S), mode="bilinear", align_corners=False)
-        cate_pred = self.cate_out(self.cate_convs(cate_feat))  # (B, C, S, S) logits
-        # Mask branch: CoordConv input, tower, x2 upsample (stride 8 -> 4 on levels 0-1).
-        coords = coord_channels(B, Hf, Wf, feat)  # (B, 2, Hf, Wf)
-        mask_feat = self.mask_convs(torch.cat([feat, coords], dim=1))  # (B, D, Hf, Wf)
-        mask_feat = F.interpolate(
-            mask_feat, size=(2 * Hf, 2 * Wf), mode="bilinear", align_corners=False
-        )  # (B, D, 2Hf, 2Wf)
-        if eval:
-            cate_pred = self.points_nms(torch.sigmoid(cate_pred))
-            if upsampled_size is not None and tuple(mask_feat.shape[-2:]) != tuple(upsampled_size):
-                mask_feat = F.interpolate(
-                    mask_feat, size=tuple(upsampled_size), mode="bilinear", align_corners=False
-                )  # (B, D, H/4, W/4)
-        return cate_pred, mask_feat
-
-    def mask_logits(self, mask_feat: Tensor, level: int) -> Tensor:
-        """All S^2 mask logits of a level (the hand-out's ins_pred): (B,D,h,w) -> (B,S^2,h,w).
-
-        Memory-hungry at full resolution; for plots and tests. Training and inference use
-        `mask_logits_for_cells`.
-        """
-        conv = self.mask_out[level]
-        return mask_logits_full(mask_feat, conv.weight, conv.bias)
+    def cell_masks(
+        self, preds: tuple, level: int, img_idx: Tensor, cell_idx: Tensor, eval: bool = False
+    ) -> Tensor:
+        """The soft masks of cells `cell_idx` (K,) (i*S + j on `level`) of images `img_idx`
+        (K,), from `forward(..., eval)` output: (K, h, w) float32 probabilities, at the level's
+        mask size in training and at H/4 x W/4 with eval=True."""
+        raise NotImplementedError(f"{type(self).__name__} must define cell_masks")
 
     # --- targets (hand-out 6.5) ---
 
@@ -738,9 +701,9 @@ class SOLOHead(nn.Module):
     ) -> tuple[list[list[Tensor]], list[list[Tensor]], list[list[Tensor]]]:
         """Targets of a batch: `target_single_img` per image (via MultiApply).
 
-        lvl_featmap_sizes: per level (2Hf_l, 2Wf_l). Returns (img_lvl_ins_label,
-        img_lvl_cate_label, img_lvl_ins_ind_label): per image, per level (P, 2Hf_l, 2Wf_l)
-        uint8, (S, S) int64, (S*S,) bool.
+        lvl_featmap_sizes: per level the mask size (h_l, w_l). Returns (img_lvl_ins_label,
+        img_lvl_cate_label, img_lvl_ins_ind_label): per image, per level (P, h_l, w_l) uint8,
+        (S, S) int64, (S*S,) bool.
         """
         sizes = [tuple(int(v) for v in size) for size in lvl_featmap_sizes]
         return self.MultiApply(
@@ -772,11 +735,16 @@ class SOLOHead(nn.Module):
             self.epsilon,
         )
 
+    def mask_target_sizes(self, preds: tuple) -> list[tuple[int, int]]:
+        """Per level the size of the masks the dice loss compares: the size of the level's
+        mask outputs, preds[1] (SOLO: mask features, Decoupled SOLO: X)."""
+        return [tuple(p.shape[-2:]) for p in preds[1]]
+
     # --- loss (hand-out 6.9) ---
 
     def loss(
         self,
-        preds: tuple[Sequence[Tensor], Sequence[Tensor]],
+        preds: tuple,
         boxes_list: Sequence[Tensor],
         labels_list: Sequence[Tensor],
         masks_list: Sequence[Tensor],
@@ -786,83 +754,60 @@ class SOLOHead(nn.Module):
 
         preds: `forward(..., eval=False)` output. boxes_list / labels_list / masks_list: per
         image (N, 4) / (N,) / (N, H, W) as in the data-set contract; padded_size defaults to
-        the masks' (H, W). Returns dict(total=, cate=, mask=, num_pos=); see `solo_loss`.
+        the masks' (H, W). Returns dict(total=, cate=, mask=, num_pos=); see `total_loss`.
         """
-        lvl_cate_preds, lvl_mask_feats = preds
         if padded_size is None:
             padded_size = tuple(masks_list[0].shape[-2:])
-        all_labels = torch.cat([lab.reshape(-1) for lab in labels_list])
-        if all_labels.numel() and not (
-            1 <= all_labels.min() <= all_labels.max() < self.num_classes
-        ):
-            raise ValueError(
-                f"SOLOHead.loss: labels must be class ids in 1..{self.num_classes - 1}, got "
-                f"values {all_labels.min().item()}..{all_labels.max().item()}"
-            )
-        sizes = [tuple(f.shape[-2:]) for f in lvl_mask_feats]
-        device = lvl_mask_feats[0].device
+        check_labels(labels_list, self.num_classes, f"{type(self).__name__}.loss")
+        device = preds[0][0].device
         img_ins, img_cate, img_ind = self.target(
-            sizes,
+            self.mask_target_sizes(preds),
             [b.to(device) for b in boxes_list],
             [lab.to(device) for lab in labels_list],
             [m.to(device) for m in masks_list],
             padded_size,
         )
-        return solo_loss(
-            lvl_cate_preds,
-            lvl_mask_feats,
-            [conv.weight for conv in self.mask_out],
-            [conv.bias for conv in self.mask_out],
-            img_ins,
-            img_cate,
-            img_ind,
-            mask_loss_weight=self.mask_loss_weight,
-            cate_loss_weight=self.cate_loss_weight,
-            focal_alpha=self.focal_alpha,
-            focal_gamma=self.focal_gamma,
-            focal_norm=self.focal_norm,
-            dice_eps=self.dice_eps,
+        cate = category_loss(
+            preds[0], img_cate, self.focal_alpha, self.focal_gamma, self.focal_norm
         )
+        lvl_dice = []
+        for level in range(len(self.num_grids)):
+            img_idx, cell_idx, targets = level_positives(img_ind, img_ins, level)
+            if img_idx.numel():
+                probs = self.training_mask_probs(preds, level, img_idx, cell_idx)
+                lvl_dice.append(dice_loss(probs, targets, self.dice_eps))
+        # An exact zero that keeps every parameter of the head in the graph, also on levels (or
+        # whole batches) without positives: DistributedDataParallel needs a gradient for each.
+        anchor = 0.0 * sum(p.float().sum() for p in self.parameters())
+        return total_loss(cate, lvl_dice, anchor, self.mask_loss_weight, self.cate_loss_weight)
 
-    def DiceLoss(self, mask_pred: Tensor, mask_gt: Tensor) -> Tensor:
-        """Dice loss of probabilities against binary targets, (K, h, w) or (h, w) -> (K,) / ()."""
-        if mask_pred.dim() == 2:
-            return dice_loss(mask_pred[None], mask_gt[None], self.dice_eps)[0]
-        return dice_loss(mask_pred, mask_gt, self.dice_eps)
-
-    def FocalLoss(self, cate_preds: Tensor, cate_gts: Tensor) -> Tensor:
-        """Focal loss of logits (N, C) against labels (N,) in 0..C, this head's normaliser."""
-        normalizer = focal_normalizer(cate_gts, self.cate_out_channels, self.focal_norm)
-        return focal_loss(cate_preds, cate_gts, self.focal_alpha, self.focal_gamma, normalizer)
+    def training_mask_probs(
+        self, preds: tuple, level: int, img_idx: Tensor, cell_idx: Tensor
+    ) -> Tensor:
+        """The probabilities (K, h_l, w_l) the dice loss compares with the targets."""
+        return self.cell_masks(preds, level, img_idx, cell_idx)
 
     # --- inference (hand-out 6.10) ---
 
-    def points_nms(self, heat: Tensor) -> Tensor:
-        """2x2 point NMS per class channel, (B, C, S, S) -> (B, C, S, S); see postprocess."""
-        return postprocess.points_nms(heat)
-
-    def MatrixNMS(self, sorted_ins: Tensor, sorted_labels: Tensor, sorted_scores: Tensor):
-        """Class-aware Matrix NMS: masks (n, h, w), labels (n,), scores (n,) -> decayed (n,)."""
-        return postprocess.matrix_nms(
-            sorted_ins, sorted_labels, sorted_scores, self.nms_kernel, self.nms_sigma
-        )
+    # Resize the kept masks' logits, not their probabilities (`postprocess.finish_single`);
+    # a head that does gives them from `candidate_masks`.
+    resize_logits = False
 
     @torch.no_grad()
     def PostProcess(
         self,
-        preds: tuple[Sequence[Tensor], Sequence[Tensor]],
+        preds: tuple,
         metas: Sequence[dict] | None = None,
         padded_size: tuple[int, int] | None = None,
     ) -> list[dict[str, Tensor]]:
         """Per-image instances from `forward(..., eval=True)` output (hand-out 6.10.1).
 
-        preds: per level (B, C, S, S) probabilities and (B, D, h4, w4) features (the other
-        heads: their own eval outputs, sliced per image the same way). metas: per
-        image dicts with "input_size" (h, w) and "orig_size" (h0, w0) (default: the padded
-        size, no resize). padded_size: (H, W), default 4 x (h4, w4).
+        preds: the head's eval outputs, each a tensor or a per-level list of tensors with the
+        batch first; the last is at H/4 x W/4. metas: per image dicts with "input_size" (h, w)
+        and "orig_size" (h0, w0) (default: the padded size, no resize). padded_size: (H, W),
+        default 4 x (h4, w4).
         Returns per image dict(masks (k, h0, w0) uint8, labels (k,) int64 in 1..C, scores (k,)).
         """
-        # Every head's last output (a per-level list or one tensor) is at H/4 x W/4.
         last = preds[-1] if isinstance(preds[-1], Tensor) else preds[-1][0]
         B = last.shape[0]
         h4, w4 = last.shape[-2:]
@@ -870,39 +815,28 @@ class SOLOHead(nn.Module):
         results = []
         for b in range(B):
             input_size, orig_size = image_sizes(metas[b] if metas else None, padded_size)
-            img_preds = [p[b] if isinstance(p, Tensor) else [t[b] for t in p] for p in preds]
-            results.append(self.PostProcessImg(*img_preds, input_size, padded_size, orig_size))
+            results.append(
+                self.PostProcessImg(one_image(preds, b), input_size, padded_size, orig_size)
+            )
         return results
 
     @torch.no_grad()
     def PostProcessImg(
         self,
-        lvl_cate_scores: Sequence[Tensor],
-        lvl_mask_feats: Sequence[Tensor],
+        preds: tuple,
         input_size: tuple[int, int],
         padded_size: tuple[int, int],
         orig_size: tuple[int, int],
     ) -> dict[str, Tensor]:
-        """One image (hand-out 6.10.2): candidates, their masks only, then `finish_single`.
+        """One image (hand-out 6.10.2): candidates, their masks only, then `finish_candidates`.
 
-        lvl_cate_scores: per level (C, S, S) after point NMS; lvl_mask_feats: per level
-        (D, h4, w4). Cells are numbered over all levels: level by level, row-major in each.
+        preds: the eval outputs of a batch of this one image (`one_image`).
         """
-        cell_idx, labels, scores = self.candidates(lvl_cate_scores)
-        level_of, local = cell_levels(cell_idx, self.num_grids)
-        D, h4, w4 = lvl_mask_feats[0].shape
-        mask_probs = lvl_mask_feats[0].new_zeros((cell_idx.numel(), h4, w4), dtype=torch.float32)
-        for level, mask_feat in enumerate(lvl_mask_feats):
-            rows = (level_of == level).nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
-                continue
-            conv = self.mask_out[level]
-            logits = mask_logits_for_cells(
-                mask_feat[None], torch.zeros_like(rows), local[rows], conv.weight, conv.bias
-            )  # (n_l, h4, w4)
-            mask_probs[rows] = torch.sigmoid(logits.float())
+        cell_idx, labels, scores = self.candidates([c[0] for c in preds[0]])
+        probs, logits = self.candidate_masks(preds, cell_idx)  # (n, h4, w4) each
+        level_of, _ = cell_levels(cell_idx, self.num_grids)
         return self.finish_candidates(
-            mask_probs, labels, scores, level_of, input_size, padded_size, orig_size
+            probs, labels, scores, level_of, input_size, padded_size, orig_size, logits
         )
 
     def candidates(self, lvl_cate_scores: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -915,6 +849,33 @@ class SOLOHead(nn.Module):
         # per level (C, S, S) -> (S*S, C), then all levels: (sum S^2, C)
         cate_scores = torch.cat([c.permute(1, 2, 0).reshape(-1, C) for c in lvl_cate_scores])
         return postprocess.select_candidates(cate_scores, self.cate_thresh)
+
+    def candidate_masks(
+        self, preds: tuple, cell: Tensor, static: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """(probabilities, logits) (n, h4, w4) of cells `cell` (n,) numbered over all levels,
+        from the eval outputs of a batch of one image; the logits only where the head resizes
+        them (`resize_logits`), else None.
+
+        static=False (PyTorch): each level computes only its own cells. static=True (the ONNX
+        graph, whose shapes may not depend on the data): every level computes every cell and
+        each cell keeps its own level's, L times the work.
+        """
+        level_of, local = cell_levels(cell, self.num_grids)
+        zeros = torch.zeros_like(cell)
+        out = None
+        for level, S in enumerate(self.num_grids):
+            if static:
+                values = self.cell_masks(preds, level, zeros, local.clamp(max=S * S - 1), True)
+                on_level = (level_of == level)[:, None, None]
+                out = values if out is None else torch.where(on_level, values, out)
+                continue
+            rows = (level_of == level).nonzero(as_tuple=True)[0]
+            values = self.cell_masks(preds, level, zeros[rows], local[rows], True)
+            if out is None:
+                out = values.new_zeros((cell.numel(), *values.shape[-2:]))
+            out[rows] = values
+        return out, None
 
     def finish_candidates(
         self,
@@ -938,7 +899,7 @@ class SOLOHead(nn.Module):
             labels,
             scores,
             ins_thresh=self.ins_thresh,
-            pre_nms_num=self.pre_NMS_num,
+            pre_nms_num=self.pre_nms_num,
             keep_instance=self.keep_instance,
             nms_kernel=self.nms_kernel,
             nms_sigma=self.nms_sigma,
@@ -950,10 +911,40 @@ class SOLOHead(nn.Module):
             mask_logits=mask_logits,
         )
 
-    # --- plotting (hand-out 6.6, 6.11) ---
+    # --- the hand-out's names (section 6): thin aliases, for students who look for them ---
+
+    def NewFPN(self, fpn_feat_list: Sequence[Tensor]) -> list[Tensor]:
+        """Strides [4, 8, 16, 32, 64] -> [8, 8, 16, 32, 32]; `new_fpn`."""
+        return new_fpn(fpn_feat_list)
+
+    @staticmethod
+    def MultiApply(func: Callable, *args, **kwargs) -> tuple[list, ...]:
+        """The hand-out's sequential map + transpose; `multi_apply`."""
+        return multi_apply(func, *args, **kwargs)
+
+    def DiceLoss(self, mask_pred: Tensor, mask_gt: Tensor) -> Tensor:
+        """`dice_loss` of probabilities against binary targets, (K, h, w) or (h, w) -> (K,) / ()."""
+        if mask_pred.dim() == 2:
+            return dice_loss(mask_pred[None], mask_gt[None], self.dice_eps)[0]
+        return dice_loss(mask_pred, mask_gt, self.dice_eps)
+
+    def FocalLoss(self, cate_preds: Tensor, cate_gts: Tensor) -> Tensor:
+        """`focal_loss` of logits (N, C) against labels (N,) in 0..C, this head's normaliser."""
+        normalizer = focal_normalizer(cate_gts, self.cate_out_channels, self.focal_norm)
+        return focal_loss(cate_preds, cate_gts, self.focal_alpha, self.focal_gamma, normalizer)
+
+    def points_nms(self, heat: Tensor) -> Tensor:
+        """2x2 point NMS per class channel, (B, C, S, S) -> (B, C, S, S); `postprocess`."""
+        return postprocess.points_nms(heat)
+
+    def MatrixNMS(self, sorted_ins: Tensor, sorted_labels: Tensor, sorted_scores: Tensor):
+        """Class-aware Matrix NMS: masks (n, h, w), labels (n,), scores (n,) -> decayed (n,)."""
+        return postprocess.matrix_nms(
+            sorted_ins, sorted_labels, sorted_scores, self.nms_kernel, self.nms_sigma
+        )
 
     def PlotGT(self, img, lvl_ins_label, lvl_ins_ind_label, lvl_cate_label, class_names):
-        """Per-level ground-truth figure of one image; see `plot_gt`."""
+        """Per-level ground-truth figure of one image; `plot_gt`."""
         return plot_gt(
             img, lvl_ins_label, lvl_ins_ind_label, lvl_cate_label, class_names, self.strides
         )
@@ -968,6 +959,100 @@ class SOLOHead(nn.Module):
             scores=result["scores"],
             title=title,
         )
+
+    @property
+    def pre_NMS_num(self) -> int:
+        """The hand-out's spelling of `pre_nms_num`."""
+        return self.pre_nms_num
+
+    @pre_NMS_num.setter
+    def pre_NMS_num(self, value: int) -> None:
+        self.pre_nms_num = value
+
+
+def one_image(preds: tuple, b: int) -> tuple:
+    """Image b of a head's outputs (each a tensor or a per-level list of tensors, the batch
+    first) as the outputs of a batch of that one image."""
+    return tuple(
+        p[b : b + 1] if isinstance(p, Tensor) else [t[b : b + 1] for t in p] for p in preds
+    )
+
+
+class SOLOHead(InstanceHead):
+    """SOLO category and mask branches over the five pyramid levels (hand-out 6.1-6.11).
+
+    `forward(fpn_feats, eval=False)` -> (lvl_cate_preds, lvl_mask_feats): per level (B, C, S, S)
+    category logits and (B, D, 2Hf_l, 2Wf_l) mask-tower features (the 1x1 output conv
+    `mask_out[l]` is applied later, only where needed, by `cell_masks`); eval=True: the
+    category maps are probabilities after point NMS. At inference a candidate's mask is the
+    sigmoid of its logits at its level's size, then resized to H/4 x W/4, in the authors' order
+    (resizing the logits first, as this head once did, moved probabilities by up to 8e-3 on
+    levels 2-4 and changed a third of the final masks of a released model).
+    """
+
+    model = "solo"
+
+    def _init_layers(self) -> None:
+        """Category tower (in -> D), mask tower (in + 2 -> D), output convs (hand-out 6.1.2)."""
+        D = self.seg_feat_channels
+        self.cate_convs = self._tower(self.in_channels)
+        self.mask_convs = self._tower(self.in_channels + 2)
+        self.cate_out = nn.Conv2d(D, self.cate_out_channels, 3, padding=1)
+        # One 1x1 conv (no padding, hand-out update) per level: S^2 output channels each.
+        self.mask_out = nn.ModuleList([nn.Conv2d(D, S * S, 1) for S in self.num_grids])
+
+    def prior_convs(self) -> list[nn.Conv2d]:
+        return [self.cate_out, *self.mask_out]
+
+    # --- forward (hand-out 6.2-6.4) ---
+
+    def forward_single_level(
+        self, feat: Tensor, level: int, eval: bool = False, upsampled_size: Size | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One level: feat (B, in, Hf, Wf) -> (cate (B, C, S, S), mask feat (B, D, 2Hf, 2Wf)).
+
+        eval=True: cate is sigmoid + point NMS. `upsampled_size` is not used: the masks are
+        resized after their sigmoid, in `cell_masks`.
+        """
+        B, _, Hf, Wf = feat.shape
+        S = self.num_grids[level]
+        # Category branch: the grid is the feature map resized to S x S (paper sec. 3.2).
+        cate_feat = F.interpolate(feat, size=(S, S), mode="bilinear", align_corners=False)
+        cate_pred = self.cate_out(self.cate_convs(cate_feat))  # (B, C, S, S) logits
+        # Mask branch: CoordConv input, tower, x2 upsample (stride 8 -> 4 on levels 0-1).
+        coords = coord_channels(B, Hf, Wf, feat)  # (B, 2, Hf, Wf)
+        mask_feat = self.mask_convs(torch.cat([feat, coords], dim=1))  # (B, D, Hf, Wf)
+        mask_feat = F.interpolate(
+            mask_feat, size=(2 * Hf, 2 * Wf), mode="bilinear", align_corners=False
+        )  # (B, D, 2Hf, 2Wf)
+        if eval:
+            cate_pred = self.points_nms(torch.sigmoid(cate_pred))
+        return cate_pred, mask_feat
+
+    def cell_masks(
+        self, preds: tuple, level: int, img_idx: Tensor, cell_idx: Tensor, eval: bool = False
+    ) -> Tensor:
+        """sigmoid of row cell_idx[k] of the level's 1x1 output conv on image img_idx[k]'s mask
+        features (`mask_logits_for_cells`): (K, h_l, w_l); eval=True: then resized to the
+        level-0 size H/4 x W/4, the authors' order (sigmoid first, then the bilinear resize)."""
+        conv = self.mask_out[level]
+        feat = preds[1][level]
+        logits = mask_logits_for_cells(feat, img_idx, cell_idx, conv.weight, conv.bias)
+        probs = torch.sigmoid(logits.float())  # (K, h_l, w_l)
+        size = tuple(preds[1][0].shape[-2:])  # H/4 x W/4
+        if eval and tuple(probs.shape[-2:]) != size:
+            probs = F.interpolate(probs[:, None], size=size, mode="bilinear", align_corners=False)
+            probs = probs[:, 0]  # (K, 1, h4, w4) -> (K, h4, w4)
+        return probs
+
+    def mask_logits(self, mask_feat: Tensor, level: int) -> Tensor:
+        """All S^2 mask logits of a level (the hand-out's ins_pred): (B,D,h,w) -> (B,S^2,h,w).
+
+        Memory-hungry at full resolution; for plots and tests. Training and inference use
+        `cell_masks`.
+        """
+        conv = self.mask_out[level]
+        return mask_logits_full(mask_feat, conv.weight, conv.bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1016,7 +1101,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         default="solo",
         choices=MODELS,
         help="whose targets: SOLOv2's masks are at H/4 x W/4 on every level; the light models "
-        "use their scale ranges and input size (config.MODEL_DEFAULTS of the --preset)",
+        "use their scale ranges and input size (config.model_config of the --preset)",
     )
     parser.add_argument(
         "--preset",
@@ -1026,7 +1111,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     )
     args = parser.parse_args(argv)
     base = preset(args.preset)
-    model_cfg = replace(base, **MODEL_DEFAULTS.get(base.preset, {}).get(args.model, {}))
+    model_cfg = model_config(base, args.model)
     size = tuple(args.size) if args.size else tuple(model_cfg.input_size)
 
     if args.cis680:
@@ -1043,13 +1128,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for i in sorted(chosen):
         img, labels, masks, boxes, meta = data[i]
         padded_size = tuple(img.shape[-2:])
-        sizes = featmap_sizes_for(padded_size)
+        sizes = featmap_sizes_for(padded_size, model_cfg.strides)
         if args.model.startswith("solov2"):  # SOLOv2: every level's masks at H/4 x W/4
             sizes = [(padded_size[0] // 4, padded_size[1] // 4)] * len(sizes)
         ins, cate, ind = target_single_img(
-            boxes, labels, masks, sizes, padded_size, model_cfg.num_grids, model_cfg.scale_ranges
+            boxes,
+            labels,
+            masks,
+            sizes,
+            padded_size,
+            model_cfg.num_grids,
+            model_cfg.scale_ranges,
+            model_cfg.epsilon,
         )
-        fig = plot_gt(img, ins, ind, cate, data.class_names, STRIDES)
+        fig = plot_gt(img, ins, ind, cate, data.class_names, model_cfg.strides)
         path = out / f"gt_levels_{i:04d}.png"
         fig.savefig(path, dpi=80)
         saved.append(path)

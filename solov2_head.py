@@ -3,9 +3,9 @@ a kernel branch predicts, for every grid cell, the weights of a 1x1 convolution 
 one shared mask-feature map ("dynamic convolution", paper sec. 3.2), instead of SOLO's S^2 output
 channels per level.
 
-`SOLOv2Head` keeps `SOLOHead`'s interface (it subclasses it: constructor style, `target`,
-`FocalLoss`, `DiceLoss`, `points_nms`, `MatrixNMS`, `PlotGT`, `PlotInfer` are SOLO's), so
-`model.py`, training and inference use it unchanged:
+`SOLOv2Head` is a `solo_head.InstanceHead` like `SOLOHead`: the constructor, the targets, the
+loss, the post-processing and the hand-out's names are the base's, so `model.py`, training,
+inference and the export use it unchanged. What is its own is the network and `cell_masks`:
 
     lvl_cate_preds, lvl_kernel_preds, mask_feats = head(backbone(images))    # logits, kernels
     losses = head.loss(preds, boxes_list, labels_list, masks_list)           # total, cate, mask
@@ -23,7 +23,8 @@ Following the authors (WXinlong/SOLO solov2_head.py + mask_feat_head.py; AdelaiD
   P5 only, the four summed, then conv1x1 to E with GN and ReLU: (B, E, H/4, W/4).
 - Mask of a cell = its kernel (E,) applied as a 1x1 conv to its image's mask features, computed
   for the positive cells only in training and for the candidates only in inference, as one
-  matrix product per image (`dynamic_mask_logits`), never a loop over cells.
+  matrix product per image (`dynamic_mask_logits`; in training per image and level), never a
+  loop over cells.
 - Targets are SOLO's (`solo_head.target_single_img`) with every level's masks at the
   mask-feature size H/4 x W/4 (the authors' solov2_target_single rescales by 1/4 on every level).
 - `mask_loss_stride` (not in the paper; default 4, the authors'): 2 or 1 compares the masks in
@@ -54,37 +55,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from solo_head import (
-    EPSILON,
-    NUM_GRIDS,
-    PRIOR_PROB,
-    SCALE_RANGES,
-    STRIDES,
-    SOLOHead,
-    _conv_gn_relu,
-    cell_levels,
-    coord_channels,
-    dice_loss,
-    focal_loss,
-    focal_normalizer,
-    mask_logits_for_cells,
-)
+from config import CIS680
+from solo_head import InstanceHead, _conv_gn_relu, coord_channels, mask_logits_for_cells
 
 # --------------------------------------------------------------------------------------------
-# config (the authors' SOLOv2 R50 settings; tuples, never lists)
+# config (the authors' SOLOv2 settings are config.MODEL_DEFAULTS' and config.CIS680's)
 # --------------------------------------------------------------------------------------------
 
-TOWER_CHANNELS = 512  # D of the kernel and category towers (authors: seg_feat_channels=512)
-STACKED_CONVS = 4  # convs per tower (authors)
-KERNEL_CHANNELS = 256  # E: mask-feature channels = weights of one 1x1 dynamic kernel (authors)
-MASK_FEAT_CHANNELS = 128  # width of the mask-feature branch's convs (authors)
 MASK_FEAT_LEVELS = 4  # P2..P5 feed the mask-feature branch (authors: start_level 0, end_level 3)
 MASK_STRIDE = 4  # of the mask features (and, by default, of the masks the dice loss compares)
-# Post-processing (authors' test_cfg): score_thr, nms_pre, max_per_img, update_thr.
-CATE_THRESH, PRE_NMS_NUM, KEEP_INSTANCE, UPDATE_THRESH = 0.1, 500, 100, 0.05
 
 # --------------------------------------------------------------------------------------------
-# pure functions (also used by decoupled_head.py)
+# pure functions
 # --------------------------------------------------------------------------------------------
 
 
@@ -129,101 +111,6 @@ def upsample_logits(logits: Tensor, factor: int) -> Tensor:
     )[:, 0]  # (K, h, w) -> (K, 1, h, w) -> (K, 1, fh, fw) -> (K, fh, fw)
 
 
-def category_loss(
-    lvl_cate_preds: Sequence[Tensor],
-    img_lvl_cate_label: Sequence[Sequence[Tensor]],
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    focal_norm: str = "positives",
-) -> Tensor:
-    """SOLO's category loss over a batch: `focal_loss` of all cells of all levels and images.
-
-    lvl_cate_preds: per level (B, C, S, S) logits; img_lvl_cate_label: per image, per level
-    (S, S) int64 in 0..C. Normaliser `focal_normalizer(focal_norm)`. Returns a float32 scalar.
-    """
-    C = lvl_cate_preds[0].shape[1]
-    # (B, C, S, S) -> (B*S*S, C) per level, cells row-major within image and level, matching the
-    # (S, S) -> (S*S,) flattening of the labels stacked over images.
-    logits = torch.cat([p.permute(0, 2, 3, 1).reshape(-1, C) for p in lvl_cate_preds])
-    targets = torch.cat(
-        [torch.stack(lvl_labels).flatten() for lvl_labels in zip(*img_lvl_cate_label, strict=True)]
-    )  # per level (B, S, S) -> (B*S*S,), then all levels
-    normalizer = focal_normalizer(targets, C, focal_norm)
-    return focal_loss(logits, targets, focal_alpha, focal_gamma, normalizer)
-
-
-def check_labels(labels_list: Sequence[Tensor], num_classes: int, who: str) -> None:
-    """Raise a ValueError unless every label is a class id in 1..num_classes - 1."""
-    labels = torch.cat([lab.reshape(-1) for lab in labels_list])
-    if labels.numel() and not (1 <= labels.min() <= labels.max() < num_classes):
-        raise ValueError(
-            f"{who}: labels must be class ids in 1..{num_classes - 1}, got values "
-            f"{labels.min().item()}..{labels.max().item()}"
-        )
-
-
-def solov2_loss(
-    lvl_cate_preds: Sequence[Tensor],
-    lvl_kernel_preds: Sequence[Tensor],
-    mask_feats: Tensor,
-    img_lvl_ins_label: Sequence[Sequence[Tensor]],
-    img_lvl_cate_label: Sequence[Sequence[Tensor]],
-    img_lvl_ins_ind_label: Sequence[Sequence[Tensor]],
-    mask_loss_weight: float = 3.0,
-    cate_loss_weight: float = 1.0,
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    focal_norm: str = "positives",
-    dice_eps: float = 1e-3,
-    mask_upsample: int = 1,
-) -> dict[str, Tensor | int]:
-    """L = cate_w L_cate + mask_w L_mask (paper eq. 1 of SOLO, sec. 3.3 of SOLOv2).
-
-    L_mask is the mean dice loss of the positive cells' dynamic masks; their kernels from all
-    levels go through one `dynamic_mask_logits` call. With `mask_upsample` u > 1 the mask
-    logits are bilinearly upsampled u times before the sigmoid and the dice loss, against
-    targets u times the mask-feature size (`SOLOv2Head`'s `mask_loss_stride`).
-
-    Args:
-        lvl_cate_preds: per level (B, C, S, S) category logits.
-        lvl_kernel_preds: per level (B, E, S, S) dynamic kernels.
-        mask_feats: (B, E, Hf, Wf) mask features.
-        img_lvl_*: `SOLOv2Head.target` output: per image, per level (P, u Hf, u Wf) uint8 /
-            (S, S) int64 / (S*S,) bool.
-    Returns:
-        dict with "total", "cate", "mask" scalars and "num_pos" (int, positive cells). With no
-        positive cell the mask loss is a zero still connected to the graph.
-    """
-    cate = category_loss(lvl_cate_preds, img_lvl_cate_label, focal_alpha, focal_gamma, focal_norm)
-
-    # Positive (image, cell) pairs per level, image-major then increasing cell: the order in
-    # which `target` stores the positive masks.
-    kernels, img_idxs, targets = [], [], []
-    for level, kernel_pred in enumerate(lvl_kernel_preds):
-        B, E, S, _ = kernel_pred.shape
-        ins_ind = torch.stack([lvl[level] for lvl in img_lvl_ins_ind_label])  # (B, S*S)
-        img_idx, cell_idx = ins_ind.nonzero(as_tuple=True)  # (K_l,), (K_l,)
-        if img_idx.numel() == 0:
-            continue
-        flat = kernel_pred.permute(0, 2, 3, 1).reshape(B, S * S, E)  # (B,E,S,S) -> (B,S*S,E)
-        kernels.append(flat[img_idx, cell_idx])  # (K_l, E)
-        img_idxs.append(img_idx)
-        targets.append(torch.cat([lvl[level] for lvl in img_lvl_ins_label]))  # (K_l, Hf, Wf)
-    # An exact zero that keeps every kernel and mask-feature parameter in the graph, also without
-    # positives: DistributedDataParallel needs a gradient for each.
-    anchor = 0.0 * (sum(k.float().sum() for k in lvl_kernel_preds) + mask_feats.float().sum())
-    num_pos = 0
-    mask = anchor
-    if kernels:
-        logits = dynamic_mask_logits(mask_feats, torch.cat(kernels), torch.cat(img_idxs))
-        logits = upsample_logits(logits.float(), mask_upsample)  # (K, u Hf, u Wf)
-        dice = dice_loss(torch.sigmoid(logits), torch.cat(targets), dice_eps)  # (K,)
-        num_pos = dice.numel()
-        mask = dice.mean() + anchor
-    total = cate_loss_weight * cate + mask_loss_weight * mask
-    return {"total": total, "cate": cate, "mask": mask, "num_pos": num_pos}
-
-
 # --------------------------------------------------------------------------------------------
 # modules
 # --------------------------------------------------------------------------------------------
@@ -242,9 +129,9 @@ class MaskFeatBranch(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 256,
-        feat_channels: int = MASK_FEAT_CHANNELS,
-        out_channels: int = KERNEL_CHANNELS,
+        in_channels: int = CIS680.fpn_channels,
+        feat_channels: int = CIS680.mask_feat_channels,
+        out_channels: int = CIS680.kernel_channels,
         num_levels: int = MASK_FEAT_LEVELS,
         gn_groups: int = 32,
     ):
@@ -286,7 +173,7 @@ class MaskFeatBranch(nn.Module):
         return self.out(total)
 
 
-class SOLOv2Head(SOLOHead):
+class SOLOv2Head(InstanceHead):
     """SOLOv2 kernel, category and mask-feature branches (see the module docstring).
 
     `forward(fpn_feats, eval=False)` -> (lvl_cate_preds, lvl_kernel_preds, mask_feats):
@@ -294,117 +181,39 @@ class SOLOv2Head(SOLOHead):
     (B, E, H/4, W/4) mask features; eval=True: the category maps are probabilities after point
     NMS, the rest unchanged.
 
-    As in `SOLOHead`, `eval` is the hand-out's flag, independent of `nn.Module.eval()`.
+    Settings of its own (`solo_head.HeadConfig`): seg_feat_channels, stacked_convs (width D and
+    depth of the kernel and category towers), kernel_channels (E, the mask features' channels
+    and the length of a dynamic kernel), mask_feat_channels (width of the mask-feature branch)
+    and mask_loss_stride: input pixels per pixel of the masks that the dice loss compares: 4,
+    the mask features' own stride (the authors), or 2 or 1, for which the mask logits are
+    bilinearly upsampled 2 or 4 times first (`upsample_logits`); inference then resizes logits
+    rather than probabilities, as trained (`postprocess.finish_single`).
     """
 
-    def __init__(
-        self,
-        num_classes: int = 4,
-        in_channels: int = 256,
-        seg_feat_channels: int = TOWER_CHANNELS,
-        stacked_convs: int = STACKED_CONVS,
-        strides: tuple[int, ...] = STRIDES,
-        scale_ranges: tuple[tuple[float, float], ...] = SCALE_RANGES,
-        epsilon: float = EPSILON,
-        num_grids: tuple[int, ...] = NUM_GRIDS,
-        kernel_channels: int = KERNEL_CHANNELS,
-        mask_feat_channels: int = MASK_FEAT_CHANNELS,
-        mask_loss_stride: int = MASK_STRIDE,
-        mask_loss_weight: float = 3.0,
-        cate_loss_weight: float = 1.0,
-        focal_gamma: float = 2.0,
-        focal_alpha: float = 0.25,
-        focal_norm: str = "positives",
-        dice_eps: float = 1e-3,
-        init: str = "authors",
-        gn_groups: int = 32,
-        cate_thresh: float = CATE_THRESH,
-        ins_thresh: float = 0.5,
-        pre_NMS_num: int = PRE_NMS_NUM,
-        keep_instance: int = KEEP_INSTANCE,
-        IoU_thresh: float = 0.5,
-        nms_kernel: str = "gaussian",
-        nms_sigma: float = 2.0,
-        update_thresh: float = UPDATE_THRESH,
-        filter_small_masks: bool = True,
-    ):
-        """Args as `SOLOHead`'s (same names, the authors' SOLOv2 defaults), plus:
-        seg_feat_channels, stacked_convs: width D and depth of the kernel and category towers.
-        kernel_channels: E, the mask features' channels and the length of a dynamic kernel.
-        mask_feat_channels: width of the mask-feature branch's convs.
-        mask_loss_stride: input pixels per pixel of the masks that the dice loss compares: 4,
-            the mask features' own stride (the authors), or 2 or 1, for which the mask logits
-            are bilinearly upsampled 2 or 4 times first (`upsample_logits`); inference then
-            resizes logits rather than probabilities, as trained (`postprocess.finish_single`).
-        """
-        if mask_loss_stride not in (1, 2, 4):
-            raise ValueError(f"mask_loss_stride must be 1, 2 or 4, got {mask_loss_stride!r}")
-        # Read by `_init_layers`, which SOLOHead.__init__ calls (plain ints may be set before
-        # nn.Module.__init__).
-        self.kernel_channels = kernel_channels
-        self.mask_feat_channels = mask_feat_channels
-        self.mask_loss_stride = mask_loss_stride
-        self.mask_upsample = MASK_STRIDE // mask_loss_stride
-        super().__init__(
-            num_classes=num_classes,
-            in_channels=in_channels,
-            seg_feat_channels=seg_feat_channels,
-            stacked_convs=stacked_convs,
-            strides=strides,
-            scale_ranges=scale_ranges,
-            epsilon=epsilon,
-            num_grids=num_grids,
-            mask_loss_weight=mask_loss_weight,
-            cate_loss_weight=cate_loss_weight,
-            focal_gamma=focal_gamma,
-            focal_alpha=focal_alpha,
-            focal_norm=focal_norm,
-            dice_eps=dice_eps,
-            init=init,
-            gn_groups=gn_groups,
-            cate_thresh=cate_thresh,
-            ins_thresh=ins_thresh,
-            pre_NMS_num=pre_NMS_num,
-            keep_instance=keep_instance,
-            IoU_thresh=IoU_thresh,
-            nms_kernel=nms_kernel,
-            nms_sigma=nms_sigma,
-            update_thresh=update_thresh,
-            filter_small_masks=filter_small_masks,
-        )
+    model = "solov2"
+
+    @property
+    def mask_upsample(self) -> int:
+        """How many times the dice loss upsamples the mask logits (4 / mask_loss_stride)."""
+        return MASK_STRIDE // self.mask_loss_stride
+
+    @property
+    def resize_logits(self) -> bool:
+        return self.mask_upsample > 1
 
     # --- network ---
 
     def _init_layers(self) -> None:
         """Kernel tower (F + 2 -> D), category tower (F -> D), their output convs, mask branch."""
-        D, G, Fin = self.seg_feat_channels, self.gn_groups, self.in_channels
-        self.kernel_convs = nn.Sequential(
-            *[_conv_gn_relu(Fin + 2 if i == 0 else D, D, G) for i in range(self.stacked_convs)]
-        )
-        self.cate_convs = nn.Sequential(
-            *[_conv_gn_relu(Fin if i == 0 else D, D, G) for i in range(self.stacked_convs)]
-        )
+        D, Fin = self.seg_feat_channels, self.in_channels
+        self.kernel_convs = self._tower(Fin + 2)
+        self.cate_convs = self._tower(Fin)
         # Both outputs are conv3x3 on the S x S grid, as the authors' solo_kernel / solo_cate.
         self.kernel_out = nn.Conv2d(D, self.kernel_channels, 3, padding=1)
         self.cate_out = nn.Conv2d(D, self.cate_out_channels, 3, padding=1)
         self.mask_feat_branch = MaskFeatBranch(
-            Fin, self.mask_feat_channels, self.kernel_channels, MASK_FEAT_LEVELS, G
+            Fin, self.mask_feat_channels, self.kernel_channels, MASK_FEAT_LEVELS, self.gn_groups
         )
-
-    def _init_weights(self) -> None:
-        """Two choices (`init`): "authors": every conv normal(0, 0.01), zero biases, the
-        category bias at the prior -log(99) (WXinlong/SOLO init_weights); "xavier":
-        xavier_uniform_, zero biases. GroupNorm keeps weight 1, bias 0."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                if self.init == "authors":
-                    nn.init.normal_(module.weight, mean=0.0, std=0.01)
-                else:
-                    nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        if self.init == "authors":
-            nn.init.constant_(self.cate_out.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
 
     def forward(
         self, fpn_feats: Sequence[Tensor], eval: bool = False
@@ -440,6 +249,51 @@ class SOLOv2Head(SOLOHead):
             cate_pred = self.points_nms(torch.sigmoid(cate_pred))
         return cate_pred, kernel_pred
 
+    # --- the masks of cells ---
+
+    def cell_mask_logits(
+        self, preds: tuple, level: int, img_idx: Tensor, cell_idx: Tensor
+    ) -> Tensor:
+        """Mask logits (K, Hf, Wf): the kernel of cell cell_idx[k] on `level` applied to image
+        img_idx[k]'s mask features (`dynamic_mask_logits`)."""
+        _, lvl_kernel_preds, mask_feats = preds
+        B, E, S, _ = lvl_kernel_preds[level].shape
+        flat = lvl_kernel_preds[level].permute(0, 2, 3, 1).reshape(B, S * S, E)  # (B,S*S,E)
+        return dynamic_mask_logits(mask_feats, flat[img_idx, cell_idx], img_idx).float()
+
+    def cell_masks(
+        self, preds: tuple, level: int, img_idx: Tensor, cell_idx: Tensor, eval: bool = False
+    ) -> Tensor:
+        """sigmoid of `cell_mask_logits`: (K, Hf, Wf)."""
+        return torch.sigmoid(self.cell_mask_logits(preds, level, img_idx, cell_idx))
+
+    def candidate_masks(
+        self, preds: tuple, cell: Tensor, static: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """(probabilities, logits) (n, Hf, Wf) of cells `cell` (n,) numbered over all levels,
+        for one image; the logits only with `resize_logits`. Every level's kernels share the
+        mask features, so one dynamic convolution serves all levels, in PyTorch and in the ONNX
+        graph alike (`static` changes nothing)."""
+        _, lvl_kernel_preds, mask_feats = preds
+        E = mask_feats.shape[1]
+        # per level (1, E, S, S) -> (S*S, E), then all levels, numbered as the cells
+        kernels = torch.cat([k[0].permute(1, 2, 0).reshape(-1, E) for k in lvl_kernel_preds])
+        logits = dynamic_mask_logits(mask_feats, kernels[cell], torch.zeros_like(cell)).float()
+        return torch.sigmoid(logits), (logits if self.resize_logits else None)
+
+    def mask_target_sizes(self, preds: tuple) -> list[tuple[int, int]]:
+        """H/4 x W/4 (times `mask_upsample`) on every level."""
+        h, w = preds[2].shape[-2:]
+        u = self.mask_upsample
+        return [(u * h, u * w)] * len(preds[0])
+
+    def training_mask_probs(
+        self, preds: tuple, level: int, img_idx: Tensor, cell_idx: Tensor
+    ) -> Tensor:
+        """The dynamic masks' logits upsampled `mask_upsample` times, then the sigmoid."""
+        logits = self.cell_mask_logits(preds, level, img_idx, cell_idx)
+        return torch.sigmoid(upsample_logits(logits, self.mask_upsample))
+
     def mask_logits(self, mask_feats: Tensor, kernel_pred: Tensor) -> Tensor:
         """All S^2 mask logits of a level (SOLO's ins_pred), (B, E, Hf, Wf) and (B, E, S, S) ->
         (B, S^2, Hf, Wf). For plots and tests; training and inference use only chosen cells."""
@@ -448,87 +302,3 @@ class SOLOv2Head(SOLOHead):
         img_idx = torch.arange(B, device=kernels.device).repeat_interleave(S * S)
         logits = dynamic_mask_logits(mask_feats, kernels, img_idx)  # (B*S*S, Hf, Wf)
         return logits.reshape(B, S * S, *logits.shape[-2:])
-
-    # --- loss ---
-
-    def loss(
-        self,
-        preds: tuple[Sequence[Tensor], Sequence[Tensor], Tensor],
-        boxes_list: Sequence[Tensor],
-        labels_list: Sequence[Tensor],
-        masks_list: Sequence[Tensor],
-        padded_size: tuple[int, int] | None = None,
-    ) -> dict[str, Tensor | int]:
-        """Targets (every level's masks at the mask-feature size, times `mask_upsample` when
-        `mask_loss_stride` < 4) and `solov2_loss` of a batch.
-
-        preds: `forward(..., eval=False)` output; the rest as `SOLOHead.loss`. Returns
-        dict(total=, cate=, mask=, num_pos=).
-        """
-        lvl_cate_preds, lvl_kernel_preds, mask_feats = preds
-        if padded_size is None:
-            padded_size = tuple(masks_list[0].shape[-2:])
-        check_labels(labels_list, self.num_classes, "SOLOv2Head.loss")
-        u = self.mask_upsample
-        h, w = mask_feats.shape[-2:]
-        sizes = [(u * h, u * w)] * len(lvl_cate_preds)  # H/4 x W/4 (x u) on every level
-        device = mask_feats.device
-        img_ins, img_cate, img_ind = self.target(
-            sizes,
-            [b.to(device) for b in boxes_list],
-            [lab.to(device) for lab in labels_list],
-            [m.to(device) for m in masks_list],
-            padded_size,
-        )
-        return solov2_loss(
-            lvl_cate_preds,
-            lvl_kernel_preds,
-            mask_feats,
-            img_ins,
-            img_cate,
-            img_ind,
-            mask_loss_weight=self.mask_loss_weight,
-            cate_loss_weight=self.cate_loss_weight,
-            focal_alpha=self.focal_alpha,
-            focal_gamma=self.focal_gamma,
-            focal_norm=self.focal_norm,
-            dice_eps=self.dice_eps,
-            mask_upsample=self.mask_upsample,
-        )
-
-    # --- inference ---
-
-    @torch.no_grad()
-    def PostProcessImg(
-        self,
-        lvl_cate_scores: Sequence[Tensor],
-        lvl_kernel_preds: Sequence[Tensor],
-        mask_feat: Tensor,
-        input_size: tuple[int, int],
-        padded_size: tuple[int, int],
-        orig_size: tuple[int, int],
-    ) -> dict[str, Tensor]:
-        """One image: candidates over all levels, their kernels, dynamic conv, `finish_single`.
-
-        lvl_cate_scores: per level (C, S, S) after point NMS; lvl_kernel_preds: per level
-        (E, S, S); mask_feat (E, Hf, Wf). Cells are numbered level by level, row-major in each.
-        """
-        E = lvl_kernel_preds[0].shape[0]
-        # per level (E, S, S) -> (S*S, E), then all levels, numbered as the candidates' cells
-        kernels = torch.cat([k.permute(1, 2, 0).reshape(-1, E) for k in lvl_kernel_preds])
-        cell_idx, labels, scores = self.candidates(lvl_cate_scores)
-        logits = dynamic_mask_logits(
-            mask_feat[None], kernels[cell_idx], torch.zeros_like(cell_idx)
-        )  # (n, Hf, Wf)
-        level_of, _ = cell_levels(cell_idx, self.num_grids)
-        logits = logits.float()
-        return self.finish_candidates(
-            torch.sigmoid(logits),
-            labels,
-            scores,
-            level_of,
-            input_size,
-            padded_size,
-            orig_size,
-            mask_logits=logits if self.mask_upsample > 1 else None,
-        )

@@ -19,7 +19,7 @@ Fair timing, in one process:
 
 The models:
 - SOLO models (`--models`, default solo decoupled_solo solov2): `build_model(cfg, 3)` with the
-  cis680 preset and that model's own settings (`config.MODEL_DEFAULTS["cis680"]`, as
+  cis680 preset and that model's own settings (`config.model_config(CIS680, M)`, as
   `main_train.py --preset cis680 --model M` builds it: ResNet-50 FPN 256; SOLO and Decoupled
   SOLO towers 7 x 256, SOLOv2 towers 4 x 512 with E = 256). Timed in two parts: the network
   (backbone + head forward with eval=True: sigmoid, point NMS, the mask features or kernels)
@@ -83,7 +83,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import CIS680, MODEL_DEFAULTS, MODELS, preset  # noqa: E402
+from config import CIS680, MODELS, model_config, preset  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # config
@@ -140,7 +140,7 @@ def rotated(items: list, step: int) -> list:
 
 def cis680_config(model: str):
     """The cis680 preset with `model`'s own settings, as `--preset cis680 --model M` gives."""
-    return replace(CIS680, model=model, **MODEL_DEFAULTS["cis680"].get(model, {}))
+    return model_config(CIS680, model)
 
 
 def peak_rss_mb() -> float:
@@ -156,7 +156,7 @@ def peak_rss_mb() -> float:
 def load_images(count: int, size: tuple[int, int]) -> list[tuple[torch.Tensor, dict]]:
     """`count` built-in images resized to `size` (h, w): [(normalised (3, H, W), meta)], with
     meta["orig_size"] = meta["input_size"] so that the masks come back at the input size."""
-    from main_train import build_data
+    from dataset import build_data
 
     num_images = max(8, math.ceil(count / 0.8) + 2)  # the 80 % training split holds `count`
     cfg = replace(
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from dataset import padded_size
-    from main_train import resolve_device
+    from model import resolve_device
 
     device = resolve_device(args.device)
     size = tuple(args.size) if args.size else padded_size(tuple(CIS680.input_size), CIS680.pad_to)

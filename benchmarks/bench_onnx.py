@@ -57,7 +57,7 @@ from bench_infer import (  # noqa: E402
     solo_thresholds,
 )
 
-from config import MODEL_DEFAULTS, preset  # noqa: E402
+from config import model_config, preset  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # config
@@ -77,8 +77,7 @@ def build_untrained(preset_name: str, model_name: str, candidates: int):
     `candidates` instances as bench_infer.py does."""
     from model import build_model
 
-    own = MODEL_DEFAULTS.get(preset_name, {}).get(model_name, {})
-    cfg = replace(preset(preset_name), model=model_name, **own)
+    cfg = model_config(preset(preset_name), model_name)
     cfg = replace(cfg, pre_nms_num=candidates, keep_instance=candidates, update_thresh=0.0)
     torch.manual_seed(0)
     return build_model(cfg, NUM_CLASSES).eval(), cfg

@@ -1,10 +1,10 @@
 """Training throughput and peak memory of the `cpu` and `cis680` presets, side by side.
 
 Each preset trains for a few iterations on real batches of the built-in data set
-(`main_train.build_data` with `--num-images` images, augmentation on, as in training) with its
-own settings: model, input size, batch size, optimiser (`main_train.build_optimizer`: AdamW
-for cpu, SGD for cis680), autocast (`main_train._autocast`: bf16 on the CPU when the preset
-has cpu_bf16, fp16 on CUDA with amp), gradient clipping and channels-last as configured; only
+(`dataset.build_data` with `--num-images` images, augmentation on, as in training) with its
+own settings: model, input size, batch size, optimiser (`training.build_optimizer`: AdamW
+for cpu, SGD for cis680), autocast (`training._autocast`, with amp: fp16 on CUDA, bf16 on a
+CPU that runs it natively) and gradient clipping as configured; only
 num_workers is 0, so that batches load in the measured process, timed apart. The first
 `--warmup` iterations (default 2) are not timed; then `--iters` iterations are (default 5 for
 cpu, 3 for cis680; `--iters-cpu` / `--iters-cis680` set one preset's). A timed step runs
@@ -71,8 +71,8 @@ def current_rss_mb() -> float:
 
 
 def batches(train_set, cfg):
-    """Training batches without end: epoch after epoch, as main_train.make_loader gives them."""
-    from main_train import make_loader
+    """Training batches without end: epoch after epoch, as training.make_loader gives them."""
+    from training import make_loader
 
     epoch = 0
     while True:
@@ -97,17 +97,9 @@ def measure_training(cfg, warmup: int, iters: int, threads: int | None = None) -
 
     The seeds are set again after the model and optimiser are built, so models of different
     sizes (which draw different numbers of initial weights) see the same batches."""
-    from main_train import (
-        LOSS_KEYS,
-        _autocast,
-        _to_device,
-        build_data,
-        build_optimizer,
-        lr_at,
-        resolve_device,
-        seed_everything,
-    )
-    from model import build_model
+    from dataset import build_data
+    from model import build_model, resolve_device
+    from training import LOSS_KEYS, _autocast, _to_device, build_optimizer, lr_at, seed_everything
 
     if threads:
         torch.set_num_threads(threads)
@@ -115,8 +107,6 @@ def measure_training(cfg, warmup: int, iters: int, threads: int | None = None) -
     seed_everything(cfg.seed)
     train_set, _ = build_data(cfg)
     model = build_model(cfg, num_classes=len(train_set.class_names)).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
@@ -131,7 +121,7 @@ def measure_training(cfg, warmup: int, iters: int, threads: int | None = None) -
     stream = batches(train_set, cfg)
     for it in range(warmup + iters):
         t0 = time.perf_counter()
-        imgs, labels, masks, boxes, _ = _to_device(next(stream), device, cfg.channels_last)
+        imgs, labels, masks, boxes, _ = _to_device(next(stream), device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
@@ -139,7 +129,7 @@ def measure_training(cfg, warmup: int, iters: int, threads: int | None = None) -
             group["lr"] = lr_at(cfg, it, 0, 10_000)
         with _autocast(cfg, device):
             losses = model(imgs, labels, masks, boxes)
-        values = {k: float(losses[k].detach()) for k in LOSS_KEYS}  # as main_train: syncs
+        values = {k: float(losses[k].detach()) for k in LOSS_KEYS}  # as training: syncs
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["total"]).backward()
         if cfg.grad_clip > 0:
@@ -188,7 +178,7 @@ def measure_training(cfg, warmup: int, iters: int, threads: int | None = None) -
 
 
 def precision_of(cfg, device: torch.device) -> str:
-    from main_train import autocast_dtype
+    from training import autocast_dtype
 
     dtype = autocast_dtype(cfg, device)
     return {torch.float16: "fp16 autocast", torch.bfloat16: "bf16 autocast"}.get(dtype, "fp32")

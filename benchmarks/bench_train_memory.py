@@ -1,7 +1,7 @@
 """Peak training memory and images/s of SOLO, Decoupled SOLO and SOLOv2 at the cis680 settings.
 
 Each model type trains a few iterations with the cis680 preset and that model's own settings
-(`config.MODEL_DEFAULTS["cis680"]`, as `main_train.py --preset cis680 --model M` builds it:
+(`config.model_config(CIS680, M)`, as `main_train.py --preset cis680 --model M` builds it:
 ResNet-50 FPN 256 from scratch, batch 2, 800 x 1066 padded to 800 x 1088, SGD, fp32 on the
 CPU; SOLO and Decoupled SOLO towers 7 x 256, SOLOv2 towers 4 x 512 with E = 256) on real
 batches of the built-in data set, augmentation on. The training step is bench_train.py's
@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from config import CIS680, MODEL_DEFAULTS, MODELS  # noqa: E402
+from config import CIS680, MODELS, model_config  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # config
@@ -57,10 +57,10 @@ DEFAULT_MODELS = ("solo", "decoupled_solo", "solov2")
 # --------------------------------------------------------------------------------------------
 
 
-def model_config(model: str, args):
+def bench_config(model: str, args):
     """The cis680 preset with `model`'s own settings (as `--preset cis680 --model M` gives),
     the benchmark's data and device, data loading in the measured process."""
-    cfg = replace(CIS680, model=model, **MODEL_DEFAULTS["cis680"].get(model, {}))
+    cfg = model_config(CIS680, model)
     cfg = replace(cfg, num_images=args.num_images, device=args.device, num_workers=0)
     if args.size:
         cfg = replace(cfg, input_size=tuple(args.size))
@@ -82,7 +82,7 @@ def towers_of(cfg) -> str:
 def worker(model: str, args) -> dict:
     from bench_train import measure_training
 
-    cfg = model_config(model, args)
+    cfg = bench_config(model, args)
     result = measure_training(cfg, args.warmup, args.iters, args.threads)
     return {"model_type": model, "towers": towers_of(cfg), **result}
 

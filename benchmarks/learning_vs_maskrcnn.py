@@ -7,11 +7,11 @@ once before either starts, so its generation counts for neither. Both are then s
 the same COCOeval (`evaluation.score`) on the same held-out split, and one table prints
 both APs.
 
-- SOLO: `main_train.train(replace(preset("cpu"), time_budget_min=minutes, out=DIR/solo))`,
+- SOLO: `training.train(replace(preset("cpu"), time_budget_min=minutes, out=DIR/solo))`,
   exactly the CPU preset (SOLOv2, ResNet-18 of width 32 with FPN 64, 192 x 256, mask loss at
   stride 2, AdamW 3e-3 with the kernel output conv at x 0.25, warm-up + cosine, bf16
   autocast); its budget covers its data loading, epochs and per-epoch
-  validation loss, and fixes the number of iterations as it goes (`main_train.BudgetProbe`).
+  validation loss, and fixes the number of iterations as it goes (`training.TimeBudget`).
 - Mask R-CNN: torchvision's `MaskRCNN` on a ResNet-18 FPN (`backbone.build_backbone(18, C,
   width=W)`: trainable batch norm, from scratch, P2..P6) with C = `--maskrcnn-fpn` channels,
   default 128, and W = `--maskrcnn-width`, default torchvision's 64: the widths its figures in
@@ -94,7 +94,7 @@ LOG_EVERY = 20  # iterations per logged loss point
 
 
 def lr_factor(it: int, elapsed_fraction: float, warmup_iters: int) -> float:
-    """Linear warm-up from 1/3 over `warmup_iters` iterations (as main_train.lr_at), times a
+    """Linear warm-up from 1/3 over `warmup_iters` iterations (as training.lr_at), times a
     cosine from 1 to 0 over the elapsed fraction of the time budget."""
     factor = 0.5 * (1.0 + math.cos(math.pi * min(max(elapsed_fraction, 0.0), 1.0)))
     if it < warmup_iters:
@@ -218,7 +218,7 @@ def set_low_precision(model: nn.Module, enabled: bool) -> None:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float):
-    """AdamW, no weight decay on norms and biases (as main_train.build_optimizer)."""
+    """AdamW, no weight decay on norms and biases (as training.build_optimizer)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -236,7 +236,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float):
 
 
 def train_solo(cfg: Config, out_dir: Path) -> dict:
-    from main_train import load_checkpoint, train
+    from model import load_checkpoint
+    from training import train
 
     t0 = time.time()
     # exist_ok: the benchmark reads out_dir/last.pt back; a rerun with the same --out replaces it
@@ -258,7 +259,8 @@ def train_solo(cfg: Config, out_dir: Path) -> dict:
 
 
 def precision_of_preset(cfg: Config) -> str:
-    from main_train import autocast_dtype, resolve_device
+    from model import resolve_device
+    from training import autocast_dtype
 
     dtype = autocast_dtype(cfg, resolve_device(cfg.device))
     names = {
@@ -269,7 +271,9 @@ def precision_of_preset(cfg: Config) -> str:
 
 
 def train_maskrcnn(cfg: Config, args, out_dir: Path) -> dict:
-    from main_train import autocast_dtype, build_data, make_loader, resolve_device, seed_everything
+    from dataset import build_data
+    from model import resolve_device
+    from training import autocast_dtype, make_loader, seed_everything
 
     out_dir.mkdir(parents=True, exist_ok=True)
     budget_s = args.minutes * 60.0
@@ -278,7 +282,7 @@ def train_maskrcnn(cfg: Config, args, out_dir: Path) -> dict:
     seed_everything(cfg.seed)
     train_set, val_set = build_data(cfg)
     num_classes = len(train_set.class_names)
-    # Low precision where the preset uses it: bf16 on the CPU (cpu_bf16), fp16 on CUDA (amp).
+    # Low precision where the preset uses it (amp): bf16 on a CPU that has it, fp16 on CUDA.
     low_precision = args.maskrcnn_bf16 and autocast_dtype(cfg, device) is not None
     model = build_maskrcnn(
         cfg,
@@ -304,7 +308,7 @@ def train_maskrcnn(cfg: Config, args, out_dir: Path) -> dict:
     done = False
     model.train()
     while not done:
-        seed_everything(cfg.seed * 1000 + epoch + 1)  # as main_train: per-epoch randomness
+        seed_everything(cfg.seed * 1000 + epoch + 1)  # as training: per-epoch randomness
         for batch in make_loader(train_set, mcfg, epoch, True, 0, 1):
             elapsed = time.time() - t_start
             if elapsed >= budget_s:
@@ -394,7 +398,7 @@ def evaluate_maskrcnn(model, val_set, device, batch_size: int) -> dict:
     import dataset as ds
     from evaluation import detections_of, score
 
-    if getattr(val_set, "augment", None) is not None:
+    if val_set.augment is not None:
         raise ValueError("learning_vs_maskrcnn: the held-out split must not be augmented")
     model.eval()
     loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, collate_fn=ds.collate_fn)

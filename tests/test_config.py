@@ -1,19 +1,26 @@
 """Config flags, presets and the checkpoint round trip of the config."""
 
 import argparse
+import dataclasses
 
 import pytest
+import torch
 
 from config import (
     CIS680,
     CPU,
+    MODEL_DEFAULTS,
+    MODELS,
+    RETIRED_FIELDS,
     Config,
     add_config_args,
     config_from_args,
     config_from_dict,
     config_to_dict,
+    model_config,
     scale_ranges_for,
 )
+from model import config_of, load_checkpoint
 
 
 def parse(argv):
@@ -79,8 +86,58 @@ def test_unknown_checkpoint_field_is_an_error():
         config_from_dict(data)
 
 
+def test_an_old_checkpoint_config_with_retired_fields_still_loads():
+    # Written before `cpu_bf16` became `amp` and `channels_last` went (the CPU preset's then).
+    data = {**config_to_dict(CPU), "cpu_bf16": True, "channels_last": False}
+    assert set(RETIRED_FIELDS) == {"cpu_bf16", "channels_last"}
+    assert not set(RETIRED_FIELDS) & {f.name for f in dataclasses.fields(Config)}
+    assert config_from_dict(data) == CPU
+    with pytest.raises(ValueError, match=r"unknown fields \['from_the_future'\]"):
+        config_from_dict({**data, "from_the_future": 1})  # only the retired ones are dropped
+
+
+def test_an_old_checkpoint_file_with_retired_fields_loads(tmp_path):
+    path = tmp_path / "last.pt"
+    old_config = {**config_to_dict(CPU), "cpu_bf16": True, "channels_last": False}
+    torch.save({"config": old_config, "model": {}, "class_names": ["a"]}, path)
+    assert config_of(load_checkpoint(path)) == CPU
+
+
+def test_model_config_is_what_the_model_flag_builds():
+    assert model_config(CIS680, "solov2") == parse(["--preset", "cis680", "--model", "solov2"])
+    solov2 = model_config(CIS680, "solov2")
+    assert (solov2.model, solov2.seg_feat_channels, solov2.stacked_convs) == ("solov2", 512, 4)
+    assert (solov2.cate_thresh, solov2.pre_nms_num, solov2.keep_instance) == (0.1, 500, 100)
+    # what dataclasses.replace builds instead: SOLOv2 with SOLO's towers and post-processing
+    assert dataclasses.replace(CIS680, model="solov2") != solov2
+    for preset_name, base in (("cis680", CIS680), ("cpu", CPU)):
+        for model in MODELS:
+            flags = ["--preset", preset_name, "--model", model]
+            assert model_config(base, model) == parse(flags), (preset_name, model)
+    assert model_config(CPU, "solov2_light").kernel_channels == 64  # the cpu preset's light E
+    assert MODEL_DEFAULTS["cpu"]["solov2_light"] == {"kernel_channels": 64}
+
+
+def test_model_config_keeps_the_given_fields_and_rescales_ranges_for_a_given_input():
+    # a field the caller set on purpose wins over the model's default
+    changed = dataclasses.replace(CIS680, stacked_convs=3)
+    assert model_config(changed, "solov2", given={"stacked_convs"}).stacked_convs == 3
+    assert model_config(changed, "solov2").stacked_convs == 4  # not given: the model's
+    # the light model's ranges are made for its 448 input: at 896 they double, as the flags do
+    big = dataclasses.replace(CIS680, input_size=(896, 1194))
+    light = model_config(big, "solov2_light", given={"input_size"})
+    assert light.input_size == (896, 1194)
+    assert light.scale_ranges == ((1, 112), (56, 224), (112, 448), (224, 896), (448, 1792))
+    flags = ["--preset", "cis680", "--model", "solov2_light", "--input-size", "896", "1194"]
+    assert light == parse(flags)
+    # a model without its own ranges: the preset's, made for the preset's input
+    small = dataclasses.replace(CPU, input_size=(384, 512))
+    doubled = ((1, 48), (24, 96), (48, 192), (96, 384), (192, 4096))
+    assert model_config(small, "solo", given={"input_size"}).scale_ranges == doubled
+
+
 def test_augmentation_settings_reach_train_augment():
-    from main_train import augmentation
+    from dataset import augmentation
 
     cfg = parse(["--preset", "cpu", "--aug-scale", "1", "1", "--aug-color", "0"])
     aug = augmentation(cfg)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import export
 import main_infer
 import postprocess
+import solo_head
 from config import CPU, config_to_dict
 from model import build_model
 
@@ -88,16 +89,7 @@ def export_and_check(model, cfg, path, samples=2, **kwargs):
     return runner, problems, summary, outputs
 
 
-# --- numpy finishing and comparison ---------------------------------------------------------
-
-
-@pytest.mark.parametrize("sizes", [(16, 64), (64, 45), (24, 96), (60, 60), (7, 3)])
-def test_bilinear_matrix_is_torch_interpolate(sizes):
-    n_in, n_out = sizes
-    v = torch.rand(3, n_in, generator=torch.Generator().manual_seed(n_in))
-    expected = F.interpolate(v[:, None, :, None], size=(n_out, 1), mode="bilinear")[:, 0, :, 0]
-    got = torch.from_numpy(v.numpy() @ export.bilinear_matrix(n_in, n_out).T)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+# --- finishing and comparison -------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -247,7 +239,7 @@ def test_knife_edges_counts_values_on_a_threshold():
         preds = head(model.backbone(img[None]), eval=True)
     cells = head.candidates([c[0] for c in preds[0]])[0]
     assert cells.numel() > 0
-    probs = export.InferenceGraph(model, 1, 1).candidate_masks(preds, cells.unique())
+    probs = head.candidate_masks(preds, cells.unique())[0]
     cate = torch.cat([c[0].flatten() for c in preds[0]])
     far = max((probs - head.ins_thresh).abs().min(), (cate - head.cate_thresh).abs().min())
     if far <= export.EDGE_TOL:
@@ -346,3 +338,23 @@ def test_export_command_fails_and_deletes_the_file_when_the_check_fails(tmp_path
         export.main([*argv, "--check-images", "1"])
     assert not out.exists()
     assert "export again with --max-candidates" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", MODEL_TYPES)
+def test_the_graphs_candidate_masks_are_the_pytorch_paths(name):
+    # The graph's static form (every level computes every cell) keeps each cell's own level's
+    # masks: the same values as the PyTorch path's per-level computation, in the same order.
+    model, cfg = tiny_model(name)
+    _, [(img, _, _)] = export.check_samples(cfg, 1)
+    head = model.head
+    with torch.no_grad():
+        preds = head(model.backbone(img[None]), eval=True)
+    cells = torch.cat([torch.arange(0, 30), torch.tensor([sum(S * S for S in head.num_grids) - 1])])
+    cells = cells[torch.randperm(cells.numel(), generator=torch.Generator().manual_seed(0))]
+    dynamic, dynamic_logits = head.candidate_masks(preds, cells)
+    static, static_logits = head.candidate_masks(preds, cells, static=True)
+    assert dynamic.shape == (cells.numel(), *preds[-1][0].shape[-2:])  # (n, H/4, W/4)
+    torch.testing.assert_close(static, dynamic, atol=1e-6, rtol=0)
+    assert (static_logits is None) == (dynamic_logits is None) == (not head.resize_logits)
+    levels, _ = solo_head.cell_levels(cells, head.num_grids)
+    assert levels.unique().numel() >= 2  # the cells span levels, so the selection is tested

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import dataset as D
+import training
 
 SMALL = (64, 96)  # (short side, long-side cap) of the test input
 
@@ -422,8 +423,8 @@ def test_main_train_takes_the_folder_and_trains_on_it(labelme_folder, tmp_path):
     args = main_train.build_parser().parse_args(["--preset", "cpu", "--data", str(folder)])
     cfg = config_from_args(args)
     assert cfg.data == str(folder) and cfg.cis680_classes  # the preset's, ignored for LabelMe
-    train_set, val_set = main_train.build_data(cfg)
-    assert isinstance(train_set, main_train.CachedSamples)  # the preset caches its samples
+    train_set, val_set = D.build_data(cfg)
+    assert isinstance(train_set, D.CachedSamples)  # the preset caches its samples
     assert isinstance(train_set.dataset, D.LabelMeDataset)
     assert len(train_set) + len(val_set) == 4
     assert train_set.class_names == ("cat", "dog", "person")
@@ -447,7 +448,7 @@ def test_main_train_takes_the_folder_and_trains_on_it(labelme_folder, tmp_path):
         device="cpu",
         out=str(tmp_path / "run"),
     )
-    main_train.train(tiny)
+    training.train(tiny)
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["class_names"] == ["cat", "dog", "person"] and ckpt["config"]["data"] == str(folder)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

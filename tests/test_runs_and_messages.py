@@ -26,7 +26,9 @@ import main_infer
 import main_train
 import model as M
 import resume_train
+import training
 from config import CPU, Config, config_from_args, config_to_dict
+from errors import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +52,7 @@ def stop_before_data(monkeypatch):
     def stop(cfg):
         raise Stop(cfg.out)
 
-    monkeypatch.setattr(main_train, "build_data", stop)
+    monkeypatch.setattr(training, "build_data", stop)
 
 
 def snapshot(folder: Path) -> dict:
@@ -115,17 +117,17 @@ def test_tiny_flags_rebuild_the_tiny_config():
 
 def test_case_01_run_numbers_count_like_ultralytics(tmp_path):
     run = tmp_path / "solo_cpu"
-    assert main_train.free_run_number(run) == 1  # no folder yet
+    assert training.free_run_number(run) == 1  # no folder yet
     run.mkdir()
     (run / "config.json").write_text("{}")
-    assert main_train.free_run_number(run) == 1  # a folder without a checkpoint is free
+    assert training.free_run_number(run) == 1  # a folder without a checkpoint is free
     (run / "last.pt").write_bytes(b"a run")
-    assert main_train.free_run_number(run) == 2
-    assert main_train.numbered_run_dir(run, 2) == tmp_path / "solo_cpu2"
+    assert training.free_run_number(run) == 2
+    assert training.numbered_run_dir(run, 2) == tmp_path / "solo_cpu2"
     (tmp_path / "solo_cpu2").mkdir()
     (tmp_path / "solo_cpu2" / "last.pt").write_bytes(b"another run")
-    assert main_train.free_run_number(run) == 3
-    assert main_train.numbered_run_dir(run, 1) == run
+    assert training.free_run_number(run) == 3
+    assert training.numbered_run_dir(run, 1) == run
 
 
 def test_case_01_a_second_training_takes_the_next_free_folder(data_root, tmp_path, capsys):
@@ -137,7 +139,7 @@ def test_case_01_a_second_training_takes_the_next_free_folder(data_root, tmp_pat
     (tmp_path / "run3" / "config.json").write_text("{}")
     before = {name: snapshot(tmp_path / name) for name in ("run", "run2")}
 
-    main_train.train(replace(TINY, epochs=1, out=str(run)))
+    training.train(replace(TINY, epochs=1, out=str(run)))
 
     chosen = tmp_path / "run3"
     out = capsys.readouterr().out
@@ -157,12 +159,12 @@ def test_case_01_exist_ok_trains_into_the_folder_given(tmp_path, stop_before_dat
     run.mkdir()
     (run / "last.pt").write_bytes(b"reused on purpose")
     with pytest.raises(Stop, match=re.escape(str(run))):
-        main_train.train(replace(TINY, out=str(run), exist_ok=True))
+        training.train(replace(TINY, out=str(run), exist_ok=True))
     assert json.loads((run / "config.json").read_text())["exist_ok"] is True
     assert not (tmp_path / "run2").exists()
     # and without it the same call goes to run2, leaving run as it was
     with pytest.raises(Stop, match=re.escape(str(tmp_path / "run2"))):
-        main_train.train(replace(TINY, out=str(run)))
+        training.train(replace(TINY, out=str(run)))
     assert (run / "last.pt").read_bytes() == b"reused on purpose"
     assert json.loads((tmp_path / "run2" / "config.json").read_text())["out"] == str(
         tmp_path / "run2"
@@ -176,7 +178,7 @@ def test_case_01_exist_ok_trains_into_the_folder_given(tmp_path, stop_before_dat
 
 def test_case_02_resuming_a_copied_run_leaves_the_original_untouched(data_root, tmp_path):
     original = tmp_path / "original"
-    main_train.train(replace(TINY, epochs=1, out=str(original)))
+    training.train(replace(TINY, epochs=1, out=str(original)))
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)
     (copy / "last.pt.tmp").write_bytes(b"partial")  # a write killed midway, earlier
@@ -235,7 +237,7 @@ def test_case_03_disk_full_keeps_the_previous_checkpoint_and_no_partial_file(tmp
     before = path.read_bytes()
     monkeypatch.setattr(M, "_write_all", write_then_fail(OSError(errno.ENOSPC, "No space")))
     with pytest.raises(M.CheckpointWriteError) as info:
-        main_train.atomic_save({"epoch": 5, "model": {"w": torch.zeros(3)}}, path)
+        M.atomic_save({"epoch": 5, "model": {"w": torch.zeros(3)}}, path)
     assert str(info.value) == (
         f"no space left on device writing {path}: the previous checkpoint (epoch 4) is intact"
     )
@@ -271,7 +273,7 @@ def test_case_03_a_run_removes_stale_partial_checkpoints_at_its_start(
     (run / "last.pt.tmp").write_bytes(b"half a checkpoint")
     (run / "notes.tmp").write_text("not ours")
     with pytest.raises(Stop):
-        main_train.train(replace(TINY, out=str(run)))
+        training.train(replace(TINY, out=str(run)))
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "notes.tmp"]
     assert "removed" in capsys.readouterr().out
 
@@ -381,10 +383,10 @@ def test_case_10_ctrl_c_in_another_script_is_one_line_too(tmp_path):
 
 
 def poison_loss(monkeypatch, when) -> None:
-    """solo_head.solo_loss gives a NaN total once `when()` is true."""
+    """solo_head.total_loss gives a NaN total once `when()` is true."""
     import solo_head
 
-    real = solo_head.solo_loss
+    real = solo_head.total_loss
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -392,7 +394,7 @@ def poison_loss(monkeypatch, when) -> None:
             out["total"] = out["total"] * float("nan")
         return out
 
-    monkeypatch.setattr(solo_head, "solo_loss", poisoned)
+    monkeypatch.setattr(solo_head, "total_loss", poisoned)
 
 
 def test_case_11_a_non_finite_loss_before_any_checkpoint_says_none_was_written(
@@ -400,8 +402,8 @@ def test_case_11_a_non_finite_loss_before_any_checkpoint_says_none_was_written(
 ):
     poison_loss(monkeypatch, lambda: True)
     run = tmp_path / "run"
-    with pytest.raises(main_train.NonFiniteLossError) as info:
-        main_train.train(replace(TINY, epochs=1, out=str(run)))
+    with pytest.raises(NonFiniteLossError) as info:
+        training.train(replace(TINY, epochs=1, out=str(run)))
     message = str(info.value)
     assert "at epoch 1, iteration 0" in message and "total=nan" in message
     assert message.endswith("; no checkpoint was written yet") and "last.pt" not in message
@@ -410,17 +412,17 @@ def test_case_11_a_non_finite_loss_before_any_checkpoint_says_none_was_written(
 
 def test_case_11_a_non_finite_loss_after_a_checkpoint_names_it(data_root, tmp_path, monkeypatch):
     saved = []
-    real_save = main_train.save_checkpoint
+    real_save = training.save_checkpoint
 
     def save_and_count(*args, **kwargs):
         real_save(*args, **kwargs)
         saved.append(1)
 
-    monkeypatch.setattr(main_train, "save_checkpoint", save_and_count)
+    monkeypatch.setattr(training, "save_checkpoint", save_and_count)
     poison_loss(monkeypatch, lambda: bool(saved))
     run = tmp_path / "run"
-    with pytest.raises(main_train.NonFiniteLossError) as info:
-        main_train.train(replace(TINY, epochs=2, out=str(run)))
+    with pytest.raises(NonFiniteLossError) as info:
+        training.train(replace(TINY, epochs=2, out=str(run)))
     assert str(info.value).endswith(f"; last checkpoint: {run / 'last.pt'} (epoch 1)")
     assert M.load_checkpoint(run)["epoch"] == 1
 

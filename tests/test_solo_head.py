@@ -25,8 +25,9 @@ from solo_head import (
     mask_logits_for_cells,
     mask_logits_full,
     multi_apply,
-    solo_loss,
+    new_fpn,
     target_single_img,
+    total_loss,
 )
 
 H, W = 256, 320  # padded input of the target tests (multiples of 32)
@@ -266,7 +267,8 @@ def test_forward_shapes_on_every_level():
     with torch.no_grad():
         cate_eval, mask_eval = head(feats, eval=True)
     assert [tuple(c.shape) for c in cate_eval] == [(2, 3, S, S) for S in grids]
-    assert all(tuple(m.shape) == (2, 32, 32, 40) for m in mask_eval)  # all at H/4 x W/4
+    # the features stay at their level's size: the masks are resized after their sigmoid
+    assert [tuple(m.shape) for m in mask_eval] == [(2, 32, h, w) for h, w in mask_sizes]
     assert all(((c >= 0) & (c <= 1)).all() for c in cate_eval)
     assert torch.equal(cate_eval[0], postprocess.points_nms(torch.sigmoid(cate[0])).detach())
 
@@ -394,21 +396,17 @@ def test_gradients_reach_the_backbone():
         assert torch.count_nonzero(param.grad) > 0
 
 
-def test_solo_loss_is_a_free_function_of_targets():
-    head = small_head()
-    cate, mask = head(fpn_features())
-    sizes = [tuple(m.shape[-2:]) for m in mask]
-    empty = head.target(
-        sizes,
-        [torch.zeros(0, 4)] * 2,
-        [torch.zeros(0, dtype=torch.int64)] * 2,
-        [torch.zeros(0, 128, 160, dtype=torch.uint8)] * 2,
-        (128, 160),
-    )
-    weights = [c.weight for c in head.mask_out]
-    biases = [c.bias for c in head.mask_out]
-    losses = solo_loss(cate, mask, weights, biases, *empty)
-    assert losses["num_pos"] == 0 and losses["mask"].item() == 0.0
+def test_total_loss_is_a_free_function_of_the_terms():
+    cate = torch.tensor(0.5)
+    anchor = torch.zeros(())
+    empty = total_loss(cate, [], anchor)
+    assert empty["num_pos"] == 0 and empty["mask"].item() == 0.0
+    assert empty["total"].item() == 0.5
+    dice = [torch.tensor([0.2, 0.4]), torch.tensor([0.6])]
+    losses = total_loss(cate, dice, anchor, mask_loss_weight=3.0, cate_loss_weight=2.0)
+    assert losses["num_pos"] == 3
+    assert losses["mask"].item() == pytest.approx(0.4)  # the mean over all positive cells
+    assert losses["total"].item() == pytest.approx(2.0 * 0.5 + 3.0 * 0.4)
 
 
 # --- inference ------------------------------------------------------------------------------
@@ -426,7 +424,7 @@ def eval_predictions(head, seed=0):
 
 
 def test_post_process_selected_cells_equal_the_full_computation():
-    head = small_head(cate_thresh=0.5, keep_instance=8, pre_NMS_num=30)
+    head = small_head(cate_thresh=0.5, keep_instance=8, pre_NMS_num=30, update_thresh=0.0)
     cate, mask = eval_predictions(head)
     metas = [
         {"input_size": (120, 150), "orig_size": (60, 75)},
@@ -434,10 +432,18 @@ def test_post_process_selected_cells_equal_the_full_computation():
     ]
     results = head.PostProcess((cate, mask), metas)
     for b, (result, meta) in enumerate(zip(results, metas, strict=True)):
-        # Reference: every cell's mask (the hand-out's ins_pred), then the same finishing.
+        # Reference: every cell's mask (the hand-out's ins_pred), its sigmoid, then resized to
+        # H/4 x W/4 (the authors' order), then the same finishing.
         scores = torch.cat([c[b].permute(1, 2, 0).reshape(-1, 3) for c in cate])
         probs = torch.cat(
-            [torch.sigmoid(head.mask_logits(m[b : b + 1], lvl))[0] for lvl, m in enumerate(mask)]
+            [
+                F.interpolate(
+                    torch.sigmoid(head.mask_logits(m[b : b + 1], lvl)),
+                    size=(32, 40),
+                    mode="bilinear",
+                )[0]
+                for lvl, m in enumerate(mask)
+            ]
         )  # (sum S^2, 32, 40)
         cell_idx, labels, cand_scores = postprocess.select_candidates(scores, 0.5)
         strides = torch.tensor([8, 8, 16, 32, 32]).repeat_interleave(
@@ -486,3 +492,49 @@ def test_plots_return_figures():
         "scores": torch.tensor([0.9]),
     }
     assert isinstance(head.PlotInfer(img, result, ("a", "b", "c")), Figure)
+
+
+# --- the hand-out's names -------------------------------------------------------------------
+
+
+def test_hand_out_aliases_are_the_functions_they_name():
+    head = small_head()
+    feats = fpn_features()
+    assert all(torch.equal(a, b) for a, b in zip(head.NewFPN(feats), new_fpn(feats), strict=True))
+    assert head.MultiApply(divmod, [7, 9], [2, 4]) == ([3, 2], [1, 1])
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 8, 8, generator=generator)
+    gts = (torch.rand(3, 8, 8, generator=generator) > 0.5).to(torch.uint8)
+    assert torch.equal(head.DiceLoss(probs, gts), dice_loss(probs, gts, head.dice_eps))
+    assert torch.equal(head.DiceLoss(probs[0], gts[0]), dice_loss(probs, gts)[0])
+    logits = torch.randn(20, 3, generator=generator)
+    labels = torch.tensor([0] * 17 + [1, 2, 3])
+    assert head.FocalLoss(logits, labels).item() == pytest.approx(
+        focal_loss(logits, labels, 0.25, 2.0, 4.0).item()  # "positives": 3 positives + 1
+    )
+    heat = torch.rand(1, 3, 6, 6, generator=generator)
+    assert torch.equal(head.points_nms(heat), postprocess.points_nms(heat))
+    masks = (torch.rand(4, 8, 8, generator=generator) > 0.4).to(torch.uint8)
+    scores, nms_labels = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 1, 2, 1])
+    assert torch.equal(
+        head.MatrixNMS(masks, nms_labels, scores),
+        postprocess.matrix_nms(masks, nms_labels, scores, "gaussian", 2.0),
+    )
+    head.pre_NMS_num = 7  # the hand-out's spelling of pre_nms_num, both ways
+    assert head.pre_nms_num == 7 and small_head(pre_NMS_num=9).pre_NMS_num == 9
+
+
+def test_inference_masks_are_resized_after_their_sigmoid():
+    # The authors' order (WXinlong/SOLO, mmdetection): sigmoid at the level's size, then the
+    # bilinear resize to H/4 x W/4. Resizing the logits first gives other probabilities.
+    head = small_head()
+    _, mask = eval_predictions(head)
+    level, cells = 2, torch.tensor([0, 7, 20, 35])  # level 2: masks at 16 x 20, H/4 = 32 x 40
+    zeros = torch.zeros_like(cells)
+    got = head.cell_masks((None, mask), level, zeros, cells, eval=True)
+    logits = head.mask_logits(mask[level][:1], level)[0, cells]  # (4, 16, 20)
+    authors = F.interpolate(torch.sigmoid(logits)[:, None], size=(32, 40), mode="bilinear")[:, 0]
+    logits_first = torch.sigmoid(F.interpolate(logits[:, None], size=(32, 40), mode="bilinear"))
+    assert got.shape == (4, 32, 40)
+    torch.testing.assert_close(got, authors, atol=1e-6, rtol=0)
+    assert (got - logits_first[:, 0]).abs().max() > 1e-3  # the order matters

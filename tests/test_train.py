@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import dataset
 import evaluation
 import main_infer
-import main_train
+import model as M
 import resume_train
-from config import CPU
+import training
+from config import CIS680, CPU
+from errors import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,15 +52,15 @@ def test_lr_schedule_warmup_steps_and_cosine():
     cfg = replace(
         CPU, lr=1.0, warmup_iters=10, warmup_ratio=1 / 3, lr_schedule="step", lr_steps=(3, 5)
     )
-    assert main_train.lr_at(cfg, 0, 0, 100) == pytest.approx(1 / 3)  # the authors' start
-    assert main_train.lr_at(cfg, 5, 0, 100) == pytest.approx(1 / 3 + 2 / 3 * 0.5)
-    assert main_train.lr_at(replace(cfg, warmup_ratio=0.001), 0, 0, 100) == pytest.approx(0.001)
-    assert main_train.lr_at(cfg, 10, 0, 100) == pytest.approx(1.0)
-    assert main_train.lr_at(cfg, 50, 2, 100) == pytest.approx(0.1)  # the 3rd epoch
-    assert main_train.lr_at(cfg, 90, 4, 100) == pytest.approx(0.01)
+    assert training.lr_at(cfg, 0, 0, 100) == pytest.approx(1 / 3)  # the authors' start
+    assert training.lr_at(cfg, 5, 0, 100) == pytest.approx(1 / 3 + 2 / 3 * 0.5)
+    assert training.lr_at(replace(cfg, warmup_ratio=0.001), 0, 0, 100) == pytest.approx(0.001)
+    assert training.lr_at(cfg, 10, 0, 100) == pytest.approx(1.0)
+    assert training.lr_at(cfg, 50, 2, 100) == pytest.approx(0.1)  # the 3rd epoch
+    assert training.lr_at(cfg, 90, 4, 100) == pytest.approx(0.01)
     cos = replace(cfg, lr_schedule="cosine", warmup_iters=0)
-    assert main_train.lr_at(cos, 50, 0, 100) == pytest.approx(0.5)
-    assert main_train.lr_at(cos, 100, 0, 100) == pytest.approx(0.0, abs=1e-12)
+    assert training.lr_at(cos, 50, 0, 100) == pytest.approx(0.5)
+    assert training.lr_at(cos, 100, 0, 100) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_kernel_lr_mult_gives_solov2_kernel_output_its_own_learning_rate():
@@ -68,12 +71,12 @@ def test_kernel_lr_mult_gives_solov2_kernel_output_its_own_learning_rate():
     )
     model = build_model(cfg, num_classes=3)
     names = {id(p): n for n, p in model.named_parameters()}
-    plain = main_train.build_optimizer(cfg, model)
+    plain = training.build_optimizer(cfg, model)
     assert [(g["weight_decay"], g["lr_mult"]) for g in plain.param_groups] == [
         (cfg.weight_decay, 1.0),
         (0.0, 1.0),
     ]
-    optimizer = main_train.build_optimizer(replace(cfg, kernel_lr_mult=0.25), model)
+    optimizer = training.build_optimizer(replace(cfg, kernel_lr_mult=0.25), model)
     seen = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(names.values())  # every parameter once
     for group in optimizer.param_groups:
@@ -82,13 +85,13 @@ def test_kernel_lr_mult_gives_solov2_kernel_output_its_own_learning_rate():
             assert group["lr_mult"] == (0.25 if in_kernel_out else 1.0)
             assert group["weight_decay"] == (cfg.weight_decay if p.ndim > 1 else 0.0)
     assert sum(g["lr_mult"] == 0.25 for g in optimizer.param_groups) == 2  # weight, bias
-    main_train.set_lr(optimizer, 0.004)
+    training.set_lr(optimizer, 0.004)
     assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([0.001, 0.004])
 
 
 def test_budget_probe_fits_iterations_to_the_time_left():
     cfg = replace(CPU, time_budget_min=1.0, epochs=12)  # 60 s
-    probe = main_train.BudgetProbe(cfg, t_start=0.0, iters_per_epoch=10, val_batches=3)
+    probe = training.TimeBudget(cfg, t_start=0.0, iters_per_epoch=10, val_batches=3)
     # 1 s per iteration, an epoch costs 10 + 3/3 = 11 s: 55 s left after 5 s hold 5 epochs
     assert probe.iterations_that_fit(1.0, iteration=5, elapsed=5.0) == 55
     # a fraction of an epoch is kept: 52.25 s left hold 4.75 epochs, 47.5 iterations
@@ -103,18 +106,18 @@ def test_budget_probe_fits_iterations_to_the_time_left():
 
 
 def test_a_time_budget_may_end_the_last_epoch_early(data_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(main_train.BudgetProbe, "SKIP", 1)
-    monkeypatch.setattr(main_train.BudgetProbe, "PROBE_ITERS", 3)
+    monkeypatch.setattr(training.TimeBudget, "SKIP", 1)
+    monkeypatch.setattr(training.TimeBudget, "PROBE_ITERS", 3)
     monkeypatch.setattr(
-        main_train.BudgetProbe,
+        training.TimeBudget,
         "iterations_that_fit",
         lambda self, per_iter, iteration, elapsed: self.iters_per_epoch + 2,
     )
     monkeypatch.setattr(  # the re-plan after epoch 1 keeps the plan
-        main_train.BudgetProbe, "replan", lambda self, *args: self.iters_per_epoch + 2
+        training.TimeBudget, "replan", lambda self, *args: self.iters_per_epoch + 2
     )
     cfg = replace(TINY, epochs=5, time_budget_min=10.0, out=str(tmp_path / "run"))
-    metrics = main_train.train(cfg)
+    metrics = training.train(cfg)
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     per_epoch = ckpt["iters_total"] - 2
     assert per_epoch >= 3 and ckpt["iteration"] == per_epoch + 2
@@ -122,7 +125,7 @@ def test_a_time_budget_may_end_the_last_epoch_early(data_root, tmp_path, monkeyp
     last = ckpt["history"][-1]
     assert last["iter"] == per_epoch + 2 and last["epoch"] == 2
     # the cosine schedule runs over the iterations that fit, not over whole epochs
-    assert last["lr"] == pytest.approx(main_train.lr_at(cfg, per_epoch + 1, 1, per_epoch + 2))
+    assert last["lr"] == pytest.approx(training.lr_at(cfg, per_epoch + 1, 1, per_epoch + 2))
 
 
 def test_learning_curve_has_a_point_per_mark_and_one_at_the_end(data_root, tmp_path, monkeypatch):
@@ -132,10 +135,10 @@ def test_learning_curve_has_a_point_per_mark_and_one_at_the_end(data_root, tmp_p
         time.sleep(3.0)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(main_train, "evaluate_model", slow_evaluate)
+    monkeypatch.setattr(training, "evaluate_model", slow_evaluate)
     cfg = replace(TINY, epochs=1, eval_at_min=(0.0,), out=str(tmp_path / "run"))
     t0 = time.time()
-    metrics = main_train.train(cfg)
+    metrics = training.train(cfg)
     seconds = time.time() - t0
     with open(tmp_path / "run" / "learning_curve.csv") as f:
         rows = list(csv.DictReader(f))
@@ -149,19 +152,19 @@ def test_learning_curve_has_a_point_per_mark_and_one_at_the_end(data_root, tmp_p
 
 def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path):
     path = tmp_path / "last.pt"
-    main_train.atomic_save({"a": torch.ones(2)}, path)
+    M.atomic_save({"a": torch.ones(2)}, path)
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        main_train.atomic_save({"a": Unpicklable()}, path)
+        M.atomic_save({"a": Unpicklable()}, path)
     assert torch.load(path, weights_only=True)["a"].tolist() == [1.0, 1.0]
 
 
 def test_cached_samples_are_read_once_and_augmented_on_every_read(data_root, monkeypatch):
-    train_set, _ = main_train.build_data(replace(TINY, cache_data=False))
+    train_set, _ = dataset.build_data(replace(TINY, cache_data=False))
     assert train_set.augment is not None
     reads = []
     plain_getitem = type(train_set).__getitem__
@@ -175,7 +178,7 @@ def test_cached_samples_are_read_once_and_augmented_on_every_read(data_root, mon
     torch.manual_seed(0)
     plain = [train_set[i] for i in order]
     reads.clear()
-    cached = main_train.CachedSamples(train_set)
+    cached = dataset.CachedSamples(train_set)
     torch.manual_seed(0)
     got = [cached[i] for i in order]
     assert reads == [0, 1]  # each item decoded once
@@ -186,18 +189,18 @@ def test_cached_samples_are_read_once_and_augmented_on_every_read(data_root, mon
         assert torch.equal(masks, want[2]) and torch.equal(boxes, want[3])
     assert {m["augment"]["hflip"] for *_, m in got} == {True, False}  # both kinds of read
 
-    assert isinstance(main_train.build_data(TINY)[0], main_train.CachedSamples)
+    assert isinstance(dataset.build_data(TINY)[0], dataset.CachedSamples)
     with_workers = replace(TINY, num_workers=1)
     with pytest.warns(UserWarning, match="cache_data ignored with num_workers=1"):
-        assert not isinstance(main_train.build_data(with_workers)[0], main_train.CachedSamples)
+        assert not isinstance(dataset.build_data(with_workers)[0], dataset.CachedSamples)
 
 
 def test_two_iteration_smoke_then_resume_equals_uninterrupted(data_root, tmp_path):
     # Uninterrupted: 2 epochs. Interrupted: stop after epoch 1, resume from the run folder.
     full = replace(TINY, out=str(tmp_path / "full"))
-    main_train.train(full)
+    training.train(full)
     part = replace(TINY, out=str(tmp_path / "part"))
-    main_train.train(part, stop_after_epoch=1)
+    training.train(part, stop_after_epoch=1)
     ckpt = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["config"]["num_grids"] == list(TINY.num_grids)
     resume_train.main([str(tmp_path / "part")])
@@ -220,7 +223,7 @@ def test_two_iteration_smoke_then_resume_equals_uninterrupted(data_root, tmp_pat
 
 def test_inference_writes_pictures_and_a_valid_results_json(data_root, tmp_path):
     cfg = replace(TINY, out=str(tmp_path / "run"), epochs=1)
-    main_train.train(cfg)
+    training.train(cfg)
     out = tmp_path / "infer"
     metrics = main_infer.main(
         ["--checkpoint", cfg.out, "--out", str(out), "--eval", "--score-min", "0"]
@@ -248,16 +251,16 @@ def test_non_finite_loss_stops_with_the_terms_named(data_root, tmp_path, monkeyp
     cfg = replace(TINY, out=str(tmp_path / "nan"), epochs=1)
     import solo_head
 
-    real = solo_head.solo_loss
+    real = solo_head.total_loss
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         out["total"] = out["total"] * float("nan")
         return out
 
-    monkeypatch.setattr(solo_head, "solo_loss", poisoned)
-    with pytest.raises(main_train.NonFiniteLossError, match="total=nan"):
-        main_train.train(cfg)
+    monkeypatch.setattr(solo_head, "total_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="total=nan"):
+        training.train(cfg)
 
 
 def test_ddp_two_processes_on_the_cpu(data_root, tmp_path):
@@ -283,13 +286,108 @@ def test_ddp_two_processes_on_the_cpu(data_root, tmp_path):
 def test_bf16_autocast_only_where_the_cpu_runs_bf16_natively(monkeypatch):
     # Emulated bf16 (AVX2-only CPUs) made the preset's step 16x slower than float32.
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert TINY.cpu_bf16
-    monkeypatch.setattr(main_train, "cpu_has_native_bf16", lambda: True)
-    assert main_train.autocast_dtype(TINY, cpu) == torch.bfloat16
-    assert main_train.autocast_dtype(replace(TINY, cpu_bf16=False), cpu) is None
-    assert main_train.autocast_dtype(TINY, cuda) == torch.float16
-    monkeypatch.setattr(main_train, "cpu_has_native_bf16", lambda: False)
-    assert main_train.autocast_dtype(TINY, cpu) is None
-    assert main_train.autocast_dtype(replace(TINY, amp=False), cuda) is None
-    with main_train._autocast(TINY, cpu):
+    assert TINY.amp
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert training.autocast_dtype(TINY, cpu) == torch.bfloat16
+    assert training.autocast_dtype(replace(TINY, amp=False), cpu) is None
+    assert training.autocast_dtype(CIS680, cpu) == torch.bfloat16  # one flag: amp, any preset
+    assert training.autocast_dtype(TINY, cuda) == torch.float16
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    assert training.autocast_dtype(TINY, cpu) is None
+    assert training.autocast_dtype(replace(TINY, amp=False), cuda) is None
+    with training._autocast(TINY, cpu):
         assert not torch.is_autocast_enabled("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# the run's pieces: its state, its time budget, its learning curve
+# --------------------------------------------------------------------------------------------
+
+
+def test_run_state_saves_its_fields_and_restores_an_old_checkpoint():
+    run = training.RunState(epoch=3, iteration=30, epochs_total=5, iters_total=48)
+    run.history.append({"iter": 30, "epoch": 3, "lr": 0.1, "total": 1.0, "cate": 0.5, "mask": 0.5})
+    run.class_names = ["vehicle", "person", "animal"]
+    assert tuple(run.saved()) == training.SAVED_FIELDS
+    assert run.saved()["iters_total"] == 48 and run.saved()["history"] is run.history
+    assert training.RunState().history is not training.RunState().history  # not shared
+
+    torch.manual_seed(1)
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    old = {  # a checkpoint from before the learning curve and iters_total: neither key
+        "model": {k: v.clone() for k, v in net.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": {},
+        "epoch": 2,
+        "iteration": 20,
+        "epochs_total": 4,
+        "history": [{"iter": 20}],
+        "val_history": [{"iter": 20, "epoch": 2}],
+        "rng": M.rng_states(),
+    }
+    expected_draw = torch.rand(3)
+    fresh = torch.nn.Linear(2, 2)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    restored = training.RunState()
+    restored.restore(old, fresh, fresh_optimizer, scaler)
+    assert (restored.epoch, restored.iteration, restored.epochs_total) == (2, 20, 4)
+    assert restored.iters_total == 0 and restored.ap_history == []  # whole epochs, no curve
+    assert restored.history == [{"iter": 20}] and restored.history is not old["history"]
+    assert torch.equal(fresh.weight, net.weight)
+    assert fresh_optimizer.state_dict()["state"][0]["momentum_buffer"].shape == (2, 2)
+    assert torch.equal(torch.rand(3), expected_draw)  # the random states came back
+
+
+def test_time_budget_fixes_the_totals_once_then_replans_after_each_epoch(monkeypatch):
+    cfg = replace(CPU, time_budget_min=1.0, epochs=12)  # 60 s
+    shared = []
+
+    def share(value):  # rank 0's number, recorded
+        shared.append(value)
+        return value
+
+    budget = training.TimeBudget(cfg, time.time(), 10, 3, share=share)
+    monkeypatch.setattr(budget, "PROBE_ITERS", 3)
+    monkeypatch.setattr(budget, "SKIP", 1)
+    monkeypatch.setattr(budget, "iterations_that_fit", lambda per_iter, it, elapsed: 15)
+    run = training.RunState(epochs_total=12, iters_total=120)
+    for _ in range(4):
+        run.iteration += 1
+        budget.after_iteration(run)
+    # nothing until 3 iterations are done, then 15 iterations (2 epochs, the last cut short)
+    assert shared == [0, 0, 15] and budget.decided
+    assert (run.iters_total, run.epochs_total) == (15, 2)
+
+    # at an epoch's end, from measured speeds: 1 s per iteration and a 4 s validation pass
+    # make 14 s epochs; 28 s left after 32 s hold 2 more (see the test above)
+    run = training.RunState(epoch=2, iteration=20, epochs_total=12, iters_total=120)
+    budget.after_epoch(run, 2, per_iter=1.0, val_seconds=4.0, elapsed=32.0)
+    assert (run.iters_total, run.epochs_total) == (40, 4) and shared[-1] == 40
+    # the last epoch planned: no more planning
+    budget.after_epoch(run, 4, per_iter=1.0, val_seconds=4.0, elapsed=1.0)
+    assert (run.iters_total, run.epochs_total) == (40, 4) and len(shared) == 4
+
+
+def test_time_budget_decides_from_whole_epochs_when_an_epoch_is_shorter_than_the_probe():
+    cfg = replace(CPU, time_budget_min=1.0, epochs=12)  # 60 s
+    # one epoch of 10 iterations took 25 s: 35 s left hold one more whole epoch
+    budget = training.TimeBudget(cfg, time.time() - 25.0, 10, 3)
+    run = training.RunState(epoch=0, iteration=10, epochs_total=12, iters_total=120)
+    budget.after_epoch(run, 1, per_iter=2.5, val_seconds=0.0, elapsed=25.0)
+    assert budget.decided and (run.iters_total, run.epochs_total) == (20, 2)
+
+
+def test_learning_curve_skips_the_marks_a_resumed_run_has_passed():
+    cfg = replace(TINY, eval_at_min=(10.0, 5.0, 20.0))
+    procs = training.Processes(0, 1, torch.device("cpu"))
+    run = training.RunState(ap_history=[{"mark_min": 5.0, "iteration": 7, "AP": 0.1}])
+    curve = training.LearningCurve(cfg, None, [0, 1], run, time.time(), procs)
+    assert curve.marks == [10.0, 20.0]
+    assert training.LearningCurve(cfg, None, [], run, time.time(), procs).marks == []  # no data
+    assert 0.0 <= curve.run_seconds() < 5.0
+    curve.after_iteration()  # 10 minutes not reached: no evaluation (the model is None)
+    assert curve.marks == [10.0, 20.0] and curve.eval_seconds == 0.0
