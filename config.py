@@ -2,8 +2,9 @@
 
 A default lives in exactly one place: the field of `Config`. `add_config_args` turns the fields
 into `--flags` (`num_grids` -> `--num-grids 40 36 24 16 12`), `config_from_args` reads them back
-on top of a preset, and every checkpoint stores `asdict(config)` so that resume and inference
-rebuild the model the run was trained with, not today's defaults.
+on top of a preset (`config_and_given` also names the fields given, which `--init-from`'s
+`zoo.finetune_config` leaves alone), and every checkpoint stores `asdict(config)` so that
+resume and inference rebuild the model the run was trained with, not today's defaults.
 
 Presets:
 - `cis680`: the hand-out's recipe (ResNet-50 FPN 256, 800x1088, SGD 0.01 x batch/16, 36 epochs,
@@ -137,6 +138,14 @@ class Config:
     exist_ok: bool = False  # reuse the folder on purpose: a new run into an `out` that holds
     #                         a checkpoint otherwise goes to out2, out3, ... (as Ultralytics)
     preset: str = "auto"  # the preset this config started from (for the record)
+
+    # --- fine-tuning (issue 18) ---
+    init_from: str = ""  # a released SOLO / SOLOv2 .pth (any layout zoo.py reads) or this
+    #                      project's checkpoint / run folder: a new run starts from its weights,
+    #                      with its architecture and zoo.FINETUNE_SCHEDULE for every flag not
+    #                      given (`zoo.finetune_config`); the category output is re-initialised
+    keep_classes: bool = False  # with init_from: keep the file's category rows of the data's
+    #                             class names (COCO's "person", "car", ...) instead
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +332,12 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Config:
     """The preset named by `args.preset`, with every flag the user gave applied on top and the
     model's own defaults under them (`model_config`)."""
+    return config_and_given(args)[0]
+
+
+def config_and_given(args: argparse.Namespace) -> tuple[Config, frozenset[str]]:
+    """`config_from_args(args)` and the names of the fields the user gave a flag for (what a
+    later step, such as `zoo.finetune_config`, must leave as given)."""
     base = preset(args.preset)
     changes = {}
     for f in fields(Config):
@@ -337,7 +352,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             value = tuple(value)
         changes[f.name] = value
     cfg = dataclasses.replace(base, **changes)
-    return model_config(cfg, cfg.model, given=changes)
+    return model_config(cfg, cfg.model, given=changes), frozenset(changes)
 
 
 def model_config(base: Config, model: str, given: Collection[str] = ()) -> Config:
@@ -410,6 +425,13 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"mask_loss_stride must be 1, 2 or 4, got {cfg.mask_loss_stride!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.keep_classes and not cfg.init_from:
+        raise ValueError("keep_classes needs init_from: the file whose category rows to keep")
+    if cfg.init_from and cfg.backbone_weights:
+        raise ValueError(
+            f"init_from and backbone_weights both given ({cfg.init_from!r}, "
+            f"{cfg.backbone_weights!r}): the file's weights replace the whole backbone"
+        )
     return cfg
 
 

@@ -17,6 +17,8 @@ The pieces, each small enough to test alone:
   and planned again after every epoch.
 - `LearningCurve`: held-out AP at the `--eval-at-min` marks and at the end, its time kept off
   the run's clock.
+- `build_training`: model, optimiser and scaler, restored on resume; with `--init-from` a new
+  run's weights come from that file (`zoo.init_from_file`, one line `init_note`).
 - `lr_at`, `build_optimizer`, `set_lr`, `make_loader`, `autocast_dtype` (the one precision
   flag, `amp`), `validation_loss`, `write_loss_logs`, `write_learning_curve`.
 
@@ -56,6 +58,7 @@ from model import (
     saved_epoch,
     set_rng_states,
 )
+from zoo import freeze_pretrained_stages, init_from_file
 
 LOSS_KEYS = ("total", "cate", "mask")
 
@@ -719,9 +722,20 @@ def prepare_run_dir(cfg: Config, resumed: bool, procs: Processes) -> Config:
 
 def build_training(cfg: Config, run: RunState, checkpoint: dict | None, procs: Processes):
     """(model, net, optimizer, scaler) for `run.class_names`: `net` is the model, or its
-    DistributedDataParallel wrapper under torchrun; all restored from `checkpoint` if given."""
+    DistributedDataParallel wrapper under torchrun; all restored from `checkpoint` if given.
+
+    With `cfg.init_from` a new run starts from that file's weights (`zoo.init_from_file`,
+    printing the layers it re-initialised); a resumed one takes them from its checkpoint, so
+    the file may be gone by then. Either way the stem and layer1 stay frozen."""
     device = procs.device
-    model = build_model(cfg, num_classes=len(run.class_names)).to(device)
+    model = build_model(cfg, num_classes=len(run.class_names))
+    if cfg.init_from:
+        freeze_pretrained_stages(model)
+        if checkpoint is None:
+            fresh = init_from_file(model, cfg.init_from, cfg.keep_classes, run.class_names)
+            if procs.is_main:
+                print(init_note(cfg, fresh, run.class_names))
+    model = model.to(device)
     optimizer = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
     if checkpoint is not None:
@@ -736,6 +750,21 @@ def build_training(cfg: Config, run: RunState, checkpoint: dict | None, procs: P
             find_unused_parameters=True,
         )
     return model, net, optimizer, scaler
+
+
+def init_note(cfg: Config, reinitialised: list[str], class_names: list[str]) -> str:
+    """The one line a run started from `cfg.init_from` prints: what came from the file and
+    which layers `zoo.init_from_file` re-initialised."""
+    if reinitialised:
+        how = "normal(0, 0.01), prior bias" if cfg.init == "authors" else "xavier"
+        return (
+            f"init from {cfg.init_from}: every layer loaded but {', '.join(reinitialised)}, "
+            f"re-initialised ({how}) for the data's {len(class_names)} classes"
+        )
+    return (
+        f"init from {cfg.init_from}: every layer loaded, head.cate_out from the file's rows "
+        f"of {', '.join(class_names)} (--keep-classes)"
+    )
 
 
 def _train_epoch(net, optimizer, scaler, loader, cfg, procs, run, budget, curve) -> list[dict]:

@@ -27,6 +27,12 @@ Layouts (`FORMATS`):
 Any of them may carry DataParallel's `module.` prefix. ResNeXt and deformable-conv (DCN)
 variants are refused with one line saying so.
 
+Fine-tuning (`main_train.py --init-from FILE`): `finetune_config` gives the run the file's
+architecture, input and test settings, frozen batch norm and `FINETUNE_SCHEDULE` for every
+flag not given; `init_from_file` loads the weights at the start of a new run (a resumed one
+takes them from its checkpoint), all but the category output conv, which keeps the head's own
+init, or with `keep_classes` the file's rows of the data's class names (`class_rows`).
+
 The check against mmdetection (tools/make_mmdet_reference.py, tests/data/mmdet_reference/):
 `fill_tensor(name, shape, seed)` gives every parameter and buffer a value that depends only on
 its mmdetection name, shape and a seed; `fill_project_model` fills this project's model with
@@ -42,7 +48,7 @@ import functools
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +57,10 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.models import resnet
 
-from config import CIS680, Config, model_config, validate
+from backbone import freeze_layers
+from config import CIS680, Config, model_config, scale_ranges_for, validate
 from conventions import IMAGENET_MEAN, IMAGENET_STD
-from errors import ModelFileError
+from errors import DataError, ModelFileError
 from model import SOLOModel, build_model, config_of
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +118,45 @@ RELEASED_INPUT = {
 # SOLOv2's grids leave no trace in its weights (one kernel conv serves every level); every
 # released SOLOv2 uses these (mmdetection, the authors, AdelaiDet's MODEL.SOLOV2.NUM_GRIDS).
 RELEASED_SOLOV2_GRIDS = (40, 36, 24, 16, 12)
+
+# --- fine-tuning (`finetune_config`, `init_from_file`) ---------------------------------------
+# What a fine-tuning run takes from the file for every field not given on the command line:
+# the architecture, which the weights must fit, the input and the test settings it was
+# released with. An --input-size given without --scale-ranges rescales the file's ranges.
+FINETUNE_FROM_FILE = (
+    "model", "depth", "backbone_width", "fpn_channels", "seg_feat_channels", "stacked_convs",
+    "strides", "num_grids", "scale_ranges", "kernel_channels", "mask_feat_channels",
+    "mask_loss_stride", "epsilon", "input_size", "cate_thresh", "ins_thresh", "pre_nms_num",
+    "keep_instance", "nms_kernel", "nms_sigma", "update_thresh",
+)  # fmt: skip
+# The fine-tuning schedule, for every field not given: 12 epochs of a few hundred images on a
+# CPU or a Colab GPU. From mmdetection's fine-tuning tutorial (docs/tutorials/finetune.md of
+# 2.x, "smaller learning rate and less training epochs": SGD, momentum 0.9, weight decay 1e-4,
+# linear warm-up from lr x 0.001, a step near the end) and its 1x schedule (12 epochs, lr / 10
+# after epochs 8 and 11: `finetune_lr_steps`). The learning rate is the released SOLO models'
+# 0.01 for 16 images a batch, scaled linearly to the batch (`FINETUNE_LR_PER_16`; batch 2:
+# 0.00125, which a CPU and a Colab GPU hold at 800 x 1333). Warm-up 100 iterations, not the
+# tutorial's 500: a few hundred images at batch 2 are 100-150 iterations an epoch, and 500
+# would be a third of the run. Gradient clipping at 35 as in the authors' configs; no time
+# budget (the step schedule counts epochs). A recipe from those sources, not measured here.
+FINETUNE_SCHEDULE = dict(
+    optimizer="sgd",
+    momentum=0.9,
+    weight_decay=1e-4,
+    batch_size=2,
+    epochs=12,
+    lr_schedule="step",
+    warmup_iters=100,
+    warmup_ratio=0.001,
+    kernel_lr_mult=1.0,
+    grad_clip=35.0,
+    time_budget_min=0.0,
+)
+FINETUNE_LR_PER_16 = 0.01  # SGD lr for 16 images a batch (the released SOLO / SOLOv2 configs)
+# ResNet stages that train when fine-tuning: the stem and layer1 stay frozen, as with ImageNet
+# weights (backbone.build_backbone, torchvision's detection default) and as in the released
+# models' own training (mmdetection's frozen_stages=1).
+FINETUNE_TRAINABLE_LAYERS = 3
 
 # ResNet depth <-> blocks per stage (torchvision's resnet18 ... resnet101) and block type.
 RESNET_BLOCKS = {
@@ -444,6 +490,12 @@ def resnet_depth(weights: Mapping[str, Tensor], what: str) -> int:
     return depth
 
 
+def strides_in_1x1(fmt: str, cfg: Config) -> bool:
+    """Whether the model of a file in layout `fmt` with config `cfg` has its ResNet strides in
+    the 1x1 convs: AdelaiDet's bottleneck ResNets (detectron2's STRIDE_IN_1X1)."""
+    return fmt == "adelaidet" and cfg.depth >= 50
+
+
 def released_config(state, fmt: str, path) -> Config:
     """The architecture and test settings of the released model `state` (what torch.load
     returned for `path`, in layout `fmt`) holds, as this project's Config.
@@ -513,6 +565,8 @@ def released_config(state, fmt: str, path) -> Config:
         norm="frozen_bn",
         backbone_weights="",
         backbone_width=64,
+        cis680_classes=False,  # its classes are COCO's 80: COCO data keeps its categories
+        preset="released",  # for the record, and main_infer evaluates every image with it
         **RELEASED_TEST,
     )
     return validate(cfg)
@@ -749,7 +803,7 @@ def build_released(state, fmt: str, path) -> tuple[SOLOModel, tuple[str, ...], C
         weights = to_project_state(weights_of(state), fmt)
         class_names = released_class_names(state, int(weights["head.cate_out.bias"].shape[0]))
     model = build_model(cfg, num_classes=len(class_names))
-    if fmt == "adelaidet" and cfg.depth >= 50:
+    if strides_in_1x1(fmt, cfg):
         set_stride_in_1x1(model)
     rules = RULES[fmt]
     load_strict(model, weights, fmt, path, lambda key: rename_key(key, rules, to_project=False))
@@ -761,3 +815,144 @@ def load_released(path) -> tuple[SOLOModel, tuple[str, ...], Config]:
     (model in eval mode on the CPU, class names, config); see the module docstring."""
     state = read_released(path)
     return build_released(state, detect_format(state, path), path)
+
+
+# --------------------------------------------------------------------------------------------
+# fine-tuning: a new run that starts from a file's weights (main_train.py --init-from)
+# --------------------------------------------------------------------------------------------
+
+
+def finetune_lr_steps(epochs: int) -> tuple[int, int]:
+    """The step schedule's epochs (1-based, `Config.lr_steps`) for a fine-tuning run of
+    `epochs`: where mmdetection's 1x schedule steps, after 8 and 11 of 12 epochs, scaled.
+
+    >>> finetune_lr_steps(12), finetune_lr_steps(4)
+    ((9, 12), (4, 5))
+    """
+    return round(epochs * 8 / 12) + 1, round(epochs * 11 / 12) + 1
+
+
+def finetune_source(path) -> tuple[object, str, Config]:
+    """(what torch.load gave, its layout, its config) for the --init-from `path`: a released
+    file, this project's checkpoint or a run folder (its last.pt). AdelaiDet's ResNet-50/101
+    (`strides_in_1x1`) are one ModelFileError: the training builds torchvision's ResNet."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    state = read_released(path)
+    fmt = detect_format(state, path)
+    cfg = released_config(state, fmt, path)
+    if strides_in_1x1(fmt, cfg):
+        raise ModelFileError(
+            f"{path}: {FORMATS[fmt]} of a ResNet-{cfg.depth} with its strides in the 1x1 convs "
+            "(detectron2's STRIDE_IN_1X1), which no Config field holds, so training cannot "
+            "build it and it cannot be fine-tuned here; main_infer.py runs it as it is, and "
+            "AdelaiDet's ResNet-18/34 and the other layouts fine-tune"
+        )
+    return state, fmt, cfg
+
+
+def finetune_config(cfg: Config, given: Collection[str] = ()) -> Config:
+    """`cfg` for a run that starts from the weights of `cfg.init_from` (`cfg` itself without
+    one): every field of `FINETUNE_FROM_FILE` and `FINETUNE_SCHEDULE` not named in `given`
+    (the flags the user gave, `config.config_and_given`) comes from the file and the schedule.
+
+    - The architecture, the input size and the test settings are the file's (a released
+      file's, `released_config`, or a checkpoint's own); an `input_size` given without
+      `scale_ranges` rescales the file's ranges (as `config.model_config` does).
+    - `norm` frozen_bn: the file's batch-norm statistics stay as trained, as with ImageNet
+      weights (a GroupNorm backbone of this project keeps gn: it has no statistics).
+    - `cis680_classes` off: COCO-json data keeps its own categories (the hand-out's mapping
+      onto vehicle / person / animal would drop the rest, and `keep_classes` goes by name).
+    - The schedule `FINETUNE_SCHEDULE`, lr `FINETUNE_LR_PER_16` x batch / 16 and the steps of
+      `finetune_lr_steps(epochs)`, given values kept.
+    """
+    if not cfg.init_from:
+        return cfg
+    _, _, source = finetune_source(cfg.init_from)
+    changes = {name: getattr(source, name) for name in FINETUNE_FROM_FILE if name not in given}
+    if "input_size" in given and "scale_ranges" not in given:
+        changes["scale_ranges"] = scale_ranges_for(
+            source.scale_ranges, source.input_size, cfg.input_size
+        )
+    if "norm" not in given:
+        changes["norm"] = "gn" if source.norm == "gn" else "frozen_bn"
+    if "cis680_classes" not in given:  # a COCO json keeps its own categories' names
+        changes["cis680_classes"] = False
+    changes |= {name: value for name, value in FINETUNE_SCHEDULE.items() if name not in given}
+    tuned = dataclasses.replace(cfg, **changes)
+    scaled = {
+        "lr": FINETUNE_LR_PER_16 * tuned.batch_size / 16,
+        "lr_steps": finetune_lr_steps(tuned.epochs),
+    }
+    scaled = {name: value for name, value in scaled.items() if name not in given}
+    return validate(dataclasses.replace(tuned, **scaled))
+
+
+def class_rows(file_names: Sequence[str], class_names: Sequence[str], path) -> list[int]:
+    """The file's category rows of `class_names`, in their order (`--keep-classes`): label k of
+    the data is output channel rows[k - 1] of the file. A name the file lacks is one
+    DataError listing the missing names and a few of the file's."""
+    missing = [name for name in class_names if name not in file_names]
+    if missing:
+        raise DataError(
+            f"{path}: --keep-classes needs each class of the data among the file's "
+            f"{len(file_names)} classes, and {', '.join(map(repr, missing))} are not (the file "
+            f"has {_few([repr(n) for n in file_names], 6)}); rename the data's classes to the "
+            "file's names or leave out --keep-classes"
+        )
+    return [list(file_names).index(name) for name in class_names]
+
+
+def freeze_pretrained_stages(model: SOLOModel) -> None:
+    """Freeze the ResNet stages that do not train when fine-tuning (the stem and layer1,
+    `FINETUNE_TRAINABLE_LAYERS`), on a new and a resumed run alike: the optimiser's
+    parameters must be the ones its checkpoint saved."""
+    freeze_layers(model.backbone.net.body, FINETUNE_TRAINABLE_LAYERS)
+
+
+def init_from_file(
+    model: SOLOModel, path, keep_classes: bool = False, class_names: Sequence[str] = ()
+) -> list[str]:
+    """Load the weights of `path` (as `finetune_source` reads it) into `model`, built for
+    `class_names`; returns the layers left as the model initialised them.
+
+    Every tensor maps strictly as in `load_strict`, but the category output conv
+    (`head.cate_out`, C x D x 3 x 3): without `keep_classes` it keeps the head's own init
+    (normal(0, 0.01), bias at the focal prior -log(99)), since the data's label k is not the
+    file's; with `keep_classes` it takes the file's rows of `class_names` (`class_rows`).
+    Trainable batch norm (a given --norm bn) gets its own zero counters where the file has
+    none. A tensor of another shape (a flag that changed the architecture) is one
+    ModelFileError naming the keys.
+    """
+    state, fmt, _ = finetune_source(path)
+    if fmt == "project":
+        weights = dict(weights_of(state))
+        file_names = tuple(str(name) for name in state["class_names"])
+    else:
+        weights = to_project_state(weights_of(state), fmt)
+        num_outputs = int(_shape(weights, "head.cate_out.bias", f"{path} ({FORMATS[fmt]})")[0])
+        file_names = released_class_names(state, num_outputs)
+    own = model.state_dict()
+    category = [key for key in own if key.startswith("head.cate_out.")]  # weight, bias
+    reinitialised = []
+    if keep_classes:
+        rows = class_rows(file_names, class_names, path)
+        for key in category:
+            if key in weights:
+                weights[key] = weights[key][rows]  # (C_file, ...) -> (C, ...)
+    else:
+        weights.update({key: own[key] for key in category})
+        reinitialised.append("head.cate_out")
+    for key in own:
+        if key.endswith(".num_batches_tracked"):
+            weights.setdefault(key, own[key])
+    rules = RULES[fmt]
+    try:
+        load_strict(model, weights, fmt, path, lambda key: rename_key(key, rules, False))
+    except ModelFileError as err:
+        raise ModelFileError(
+            f"{err}; a fine-tuning run takes its architecture from the file: leave out the "
+            "flags that change it (--model, --depth, --fpn-channels, ...)"
+        ) from err
+    return reinitialised

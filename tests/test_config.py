@@ -14,6 +14,7 @@ from config import (
     RETIRED_FIELDS,
     Config,
     add_config_args,
+    config_and_given,
     config_from_args,
     config_from_dict,
     config_to_dict,
@@ -43,6 +44,16 @@ def test_flags_override_the_preset_and_keep_the_rest():
     assert cfg.num_grids == (12, 10, 8, 6, 4)
     assert cfg.augment is False
     assert cfg.depth == CPU.depth and cfg.preset == "cpu"
+
+
+def test_config_and_given_names_exactly_the_flags_given():
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    argv = ["--preset", "cpu", "--model", "solo", "--no-augment", "--input-size", "96", "128"]
+    cfg, given = config_and_given(parser.parse_args(argv))
+    assert given == {"model", "augment", "input_size"}  # not the preset, not what followed
+    assert cfg == parse(argv) and cfg.scale_ranges != CPU.scale_ranges  # rescaled, not given
+    assert config_and_given(parser.parse_args([]))[1] == frozenset()
 
 
 def test_scale_range_pairs_parse():
