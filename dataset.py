@@ -839,8 +839,13 @@ def augmentation(cfg: Config):
     )
 
 
-def build_data(cfg: Config):
-    """(train_set, val_set) for the configured data; augmentation on the training part only."""
+# A split that holds out every image (nothing to train on): to evaluate a model on all of it.
+EVERY_IMAGE_HELD_OUT = ((), None)
+
+
+def build_data(cfg: Config, split: Any = None):
+    """(train_set, val_set) for the configured data; augmentation on the training part only.
+    split: a `resolve_split` spec that replaces the config's (e.g. `EVERY_IMAGE_HELD_OUT`)."""
     if cfg.data == "builtin":
         source = str(
             synthetic.ensure_builtin_dataset(num_images=cfg.num_images, seed=cfg.data_seed)
@@ -854,7 +859,7 @@ def build_data(cfg: Config):
         pad_to=cfg.pad_to,
         val_fraction=cfg.val_fraction,
         seed=cfg.split_seed,
-        split=cfg.split_file or None,
+        split=split if split is not None else (cfg.split_file or None),
         augment=augmentation(cfg),
         cis680_classes=cfg.cis680_classes,
     )

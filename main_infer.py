@@ -3,6 +3,15 @@
     python main_infer.py --checkpoint runs/solo_cpu                 # the run's held-out split
     python main_infer.py --checkpoint runs/solo_cpu --eval          # + COCO mask AP table
     python main_infer.py --checkpoint runs/solo_cpu/last.pt --images photo.jpg folder/
+    python main_infer.py --checkpoint solov2_r50_fpn_3x_coco.pth --images photo.jpg
+    python main_infer.py --checkpoint solov2_r50_fpn_3x_coco.pth --eval \
+        --data instances_val2017.json --coco-images val2017/
+
+`--checkpoint` takes this project's run folders and checkpoints, and the released files of the
+model zoos as they are downloaded (mmdetection, the authors' WXinlong/SOLO, AdelaiDet; `zoo.py`
+reads them, builds the released architecture with its test settings and loads it strictly).
+Predicted classes are matched to the evaluated data's by name (`align_labels`), so a COCO
+model scores on a json that holds a subset of COCO's categories.
 
 Pictures (`<image>_pred.png`: masks over the image in a colour per class, with class name and
 score) and `results.json` (COCO results format, RLE masks) go to `--out` (default
@@ -32,7 +41,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import build_data
+import model as project_model
+import zoo
+from dataset import EVERY_IMAGE_HELD_OUT, build_data
+from errors import ModelFileError
 from evaluation import (
     data_loader,
     detections_of,
@@ -42,10 +54,7 @@ from evaluation import (
     write_results_json,
 )
 from export import OnnxSOLO
-from model import (
-    load_model,  # noqa: F401  (main_infer.load_model, as before)
-    resolve_device,
-)
+from model import resolve_device
 from samples import PhotoDataset, image_to_rgb8, without_augment
 from visualize import draw_instances
 
@@ -80,6 +89,58 @@ def predict_onnx(runner, dataset, source) -> list[tuple[dict, dict]]:
 # --------------------------------------------------------------------------------------------
 # loading a checkpoint and images
 # --------------------------------------------------------------------------------------------
+
+
+def load_model(path, device) -> tuple[torch.nn.Module, object, tuple[str, ...]]:
+    """(model in eval mode on `device`, its config, class names) from a run folder, one of
+    this project's checkpoints (`model.load_model`), or a released model zoo file (`zoo`).
+
+    A file that is neither keeps this project's one-line ModelFileError, which then says that
+    no released layout fits either; a released file whose weights do not fit gets zoo's."""
+    try:
+        return project_model.load_model(path, device)
+    except ModelFileError as ours:
+        if Path(path).is_dir():
+            raise
+        try:
+            state = zoo.read_released(path)
+            fmt = zoo.detect_format(state, path)
+        except ModelFileError:
+            raise ModelFileError(
+                f"{ours}; nor is it a released SOLO / SOLOv2 file (mmdetection, WXinlong/SOLO "
+                "or AdelaiDet layout)"
+            ) from ours
+        if fmt == "project":
+            raise
+    net, class_names, cfg = zoo.build_released(state, fmt, path)
+    print(f"{path}: {zoo.FORMATS[fmt]}, {cfg.model} ResNet-{cfg.depth}, {len(class_names)} classes")
+    return net.to(device).eval(), cfg, class_names
+
+
+def align_labels(
+    predictions: list[tuple[dict, dict]], model_names, data_names
+) -> list[tuple[dict, dict]]:
+    """Predictions with the model's labels (1..C_model) turned into the data's (1..C_data) by
+    class name; instances of a class the data does not have are dropped. The same names in
+    the same order change nothing. No name in common is a ValueError naming a few of each."""
+    model_names, data_names = tuple(model_names), tuple(data_names)
+    if model_names == data_names:
+        return predictions
+    to_data = torch.zeros(len(model_names) + 1, dtype=torch.int64)  # 0: not in the data
+    for k, name in enumerate(model_names, start=1):
+        if name in data_names:
+            to_data[k] = data_names.index(name) + 1
+    if not to_data.any():
+        raise ValueError(
+            f"the model's classes ({', '.join(model_names[:5])}, ...) and the data's "
+            f"({', '.join(data_names[:5])}, ...) have no name in common"
+        )
+    aligned = []
+    for meta, result in predictions:
+        labels = to_data[result["labels"]]
+        keep = labels > 0
+        aligned.append((meta, {**{k: v[keep] for k, v in result.items()}, "labels": labels[keep]}))
+    return aligned
 
 
 def list_images(paths: list[str]) -> list[Path]:
@@ -172,6 +233,12 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--max-pictures", type=int, default=20, help="PNGs to draw (0 = all)")
     parser.add_argument("--score-min", type=float, default=0.3, help="draw masks above this")
     parser.add_argument("--data", default=None, help="evaluate on other data than the run's")
+    parser.add_argument("--coco-images", default=None, help="image folder of a --data COCO json")
+    parser.add_argument(
+        "--all-images",
+        action="store_true",
+        help="evaluate every image of the data, not its held-out split (a released model: always)",
+    )
     args = parser.parse_args(argv)
 
     if args.onnx:
@@ -194,9 +261,10 @@ def main(argv: list[str] | None = None):
         source = data.load
     else:
         if args.data:
-            cfg = replace(cfg, data=args.data)
-
-        _, data = build_data(cfg)
+            cfg = replace(cfg, data=args.data, coco_images=args.coco_images or cfg.coco_images)
+        # A released model was not trained on this data: all of it is held out.
+        every = args.all_images or cfg.preset == "released"
+        _, data = build_data(cfg, split=EVERY_IMAGE_HELD_OUT if every else None)
         data = without_augment(data)
 
         def source(i):
@@ -206,6 +274,9 @@ def main(argv: list[str] | None = None):
         predictions = predict_onnx(runner, data, source)
     else:
         predictions = predict_batches(model, data_loader(data, args.batch_size), device)
+    if not args.images:
+        predictions = align_labels(predictions, class_names, data.class_names)
+        class_names = data.class_names
     detections = detections_of(predictions, data)
     write_results_json(out_dir / "results.json", detections)
     n_pics = len(predictions) if args.max_pictures == 0 else args.max_pictures
