@@ -206,6 +206,35 @@ def build_solo_untrained(name: str, args, device: torch.device) -> Entry:
     return Entry(name, model, "untrained", describe(cfg))
 
 
+RELEASED = Path(__file__).resolve().parents[1] / "tests" / "data" / "mmdet_reference"
+
+
+def released_names() -> list[str]:
+    """The released mmdetection architectures this project maps (their reference files)."""
+    return sorted(p.stem for p in RELEASED.glob("*.json"))
+
+
+def build_released_untrained(name: str, args, device: torch.device) -> Entry:
+    """A released architecture (`zoo.released_config` from mmdetection's recorded key shapes,
+    80 COCO classes, its released test settings) with untrained weights, set up for timing as
+    the other untrained SOLO models."""
+
+    import zoo
+    from model import build_model
+
+    record = json.loads((RELEASED / f"{name}.json").read_text())
+    shapes = {k: torch.empty(v, device="meta") for k, v in record["state_dict_shapes"].items()}
+    cfg = zoo.released_config({"state_dict": shapes}, "mmdet", name)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(zoo.COCO_CLASSES)).to(device).eval()
+    open_untrained_masks(model.head)
+    model.head.update_thresh = 0.0
+    model.head.pre_NMS_num = args.candidates
+    model.head.keep_instance = args.candidates
+    LABELS[name] = name
+    return Entry(name, model, "untrained", describe(cfg))
+
+
 def build_solo_checkpoint(path: str, device: torch.device) -> Entry:
     from model import load_model
 
@@ -403,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="untrained SOLO models: candidates per image let through cate_thresh, and the "
         "pre-NMS and kept caps",
     )
+    parser.add_argument(
+        "--released",
+        nargs="+",
+        default=[],
+        choices=released_names(),
+        metavar="NAME",
+        help="also time these released mmdetection architectures (untrained, 80 classes): "
+        + ", ".join(released_names()),
+    )
     parser.add_argument("--pre-nms-num", type=int, default=None, help="override, all SOLO")
     parser.add_argument("--keep-instance", type=int, default=None, help="override, all SOLO")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -426,6 +464,7 @@ def build_entries(args, size, device) -> list[Entry]:
         if name == MASKRCNN:
             continue  # built last, with the SOLO models' class count
         entries.append(trained.get(name) or build_solo_untrained(name, args, device))
+    entries += [build_released_untrained(name, args, device) for name in args.released]
     for entry in entries:
         if args.pre_nms_num is not None:
             entry.model.head.pre_NMS_num = args.pre_nms_num
@@ -435,6 +474,8 @@ def build_entries(args, size, device) -> list[Entry]:
         num_classes = NUM_CLASSES
         if trained:
             num_classes = next(iter(trained.values())).model.head.num_classes - 1
+        if args.released:
+            num_classes = 80  # COCO's, as the released models
         entries.insert(names.index(MASKRCNN), build_maskrcnn(num_classes, size, device))
     return entries
 
