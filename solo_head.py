@@ -770,22 +770,29 @@ class InstanceHead(nn.Module):
         cate = category_loss(
             preds[0], img_cate, self.focal_alpha, self.focal_gamma, self.focal_norm
         )
-        lvl_dice = []
-        for level in range(len(self.num_grids)):
-            img_idx, cell_idx, targets = level_positives(img_ind, img_ins, level)
-            if img_idx.numel():
-                probs = self.training_mask_probs(preds, level, img_idx, cell_idx)
-                lvl_dice.append(dice_loss(probs, targets, self.dice_eps))
+        lvl_dice = self.positive_dice(preds, img_ins, img_ind)
         # An exact zero that keeps every parameter of the head in the graph, also on levels (or
         # whole batches) without positives: DistributedDataParallel needs a gradient for each.
         anchor = 0.0 * sum(p.float().sum() for p in self.parameters())
         return total_loss(cate, lvl_dice, anchor, self.mask_loss_weight, self.cate_loss_weight)
 
-    def training_mask_probs(
-        self, preds: tuple, level: int, img_idx: Tensor, cell_idx: Tensor
-    ) -> Tensor:
-        """The probabilities (K, h_l, w_l) the dice loss compares with the targets."""
-        return self.cell_masks(preds, level, img_idx, cell_idx)
+    def positive_dice(
+        self,
+        preds: tuple,
+        img_lvl_ins_label: Sequence[Sequence[Tensor]],
+        img_lvl_ins_ind_label: Sequence[Sequence[Tensor]],
+    ) -> list[Tensor]:
+        """The dice terms of the positive cells' masks against their targets, level by level
+        (`cell_masks` of the training outputs): a list of (K_l,) for the levels with any."""
+        lvl_dice = []
+        for level in range(len(self.num_grids)):
+            img_idx, cell_idx, targets = level_positives(
+                img_lvl_ins_ind_label, img_lvl_ins_label, level
+            )
+            if img_idx.numel():
+                probs = self.cell_masks(preds, level, img_idx, cell_idx)
+                lvl_dice.append(dice_loss(probs, targets, self.dice_eps))
+        return lvl_dice
 
     # --- inference (hand-out 6.10) ---
 

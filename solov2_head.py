@@ -23,8 +23,7 @@ Following the authors (WXinlong/SOLO solov2_head.py + mask_feat_head.py; AdelaiD
   P5 only, the four summed, then conv1x1 to E with GN and ReLU: (B, E, H/4, W/4).
 - Mask of a cell = its kernel (E,) applied as a 1x1 conv to its image's mask features, computed
   for the positive cells only in training and for the candidates only in inference, as one
-  matrix product per image (`dynamic_mask_logits`; in training per image and level), never a
-  loop over cells.
+  matrix product per image (`dynamic_mask_logits`), never a loop over cells.
 - Targets are SOLO's (`solo_head.target_single_img`) with every level's masks at the
   mask-feature size H/4 x W/4 (the authors' solov2_target_single rescales by 1/4 on every level).
 - `mask_loss_stride` (not in the paper; default 4, the authors'): 2 or 1 compares the masks in
@@ -56,7 +55,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from config import CIS680
-from solo_head import InstanceHead, _conv_gn_relu, coord_channels, mask_logits_for_cells
+from solo_head import (
+    InstanceHead,
+    _conv_gn_relu,
+    coord_channels,
+    dice_loss,
+    level_positives,
+    mask_logits_for_cells,
+)
 
 # --------------------------------------------------------------------------------------------
 # config (the authors' SOLOv2 settings are config.MODEL_DEFAULTS' and config.CIS680's)
@@ -287,12 +293,33 @@ class SOLOv2Head(InstanceHead):
         u = self.mask_upsample
         return [(u * h, u * w)] * len(preds[0])
 
-    def training_mask_probs(
-        self, preds: tuple, level: int, img_idx: Tensor, cell_idx: Tensor
-    ) -> Tensor:
-        """The dynamic masks' logits upsampled `mask_upsample` times, then the sigmoid."""
-        logits = self.cell_mask_logits(preds, level, img_idx, cell_idx)
-        return torch.sigmoid(upsample_logits(logits, self.mask_upsample))
+    def positive_dice(
+        self,
+        preds: tuple,
+        img_lvl_ins_label: Sequence[Sequence[Tensor]],
+        img_lvl_ins_ind_label: Sequence[Sequence[Tensor]],
+    ) -> list[Tensor]:
+        """The dice terms of every level's positive cells at once: all levels' kernels share
+        the mask features, so one dynamic convolution serves them (one product per image, not
+        one per image and level); the logits upsampled `mask_upsample` times, then the
+        sigmoid."""
+        _, lvl_kernel_preds, mask_feats = preds
+        kernels, img_idxs, targets = [], [], []
+        for level, kernel_pred in enumerate(lvl_kernel_preds):
+            img_idx, cell_idx, target = level_positives(
+                img_lvl_ins_ind_label, img_lvl_ins_label, level
+            )
+            B, E, S, _ = kernel_pred.shape
+            flat = kernel_pred.permute(0, 2, 3, 1).reshape(B, S * S, E)  # (B, S*S, E)
+            kernels.append(flat[img_idx, cell_idx])  # (K_l, E)
+            img_idxs.append(img_idx)
+            targets.append(target)  # (K_l, u Hf, u Wf)
+        kernels = torch.cat(kernels)
+        if kernels.shape[0] == 0:
+            return []
+        logits = dynamic_mask_logits(mask_feats, kernels, torch.cat(img_idxs)).float()
+        probs = torch.sigmoid(upsample_logits(logits, self.mask_upsample))  # (K, u Hf, u Wf)
+        return [dice_loss(probs, torch.cat(targets), self.dice_eps)]
 
     def mask_logits(self, mask_feats: Tensor, kernel_pred: Tensor) -> Tensor:
         """All S^2 mask logits of a level (SOLO's ins_pred), (B, E, Hf, Wf) and (B, E, S, S) ->

@@ -260,6 +260,7 @@ def _same(value: int) -> int:
     return value
 
 
+@dataclass
 class TimeBudget:
     """The run's length under a wall-time budget (`time_budget_min`), and where it changes.
 
@@ -279,27 +280,28 @@ class TimeBudget:
     SKIP = 3
     PROBE_ITERS = 20
 
-    def __init__(
-        self,
-        cfg: Config,
-        t_start: float,
-        iters_per_epoch: int,
-        val_batches: int,
-        start_iteration: int = 0,
-        share: Callable[[int], int] = _same,
-        verbose: bool = False,
-    ):
-        self.budget = cfg.time_budget_min * 60.0
-        self.minutes = cfg.time_budget_min
-        self.max_epochs = cfg.epochs
-        self.t_start = t_start
-        self.iters_per_epoch = iters_per_epoch
-        self.val_batches = val_batches
-        self.start_iteration = start_iteration
-        self.share = share
-        self.verbose = verbose
-        self.t_skip = None
-        self.decided = False  # the probe or the first epoch's end has fixed the totals
+    cfg: Config
+    t_start: float
+    iters_per_epoch: int
+    val_batches: int
+    start_iteration: int = 0
+    share: Callable[[int], int] = _same
+    verbose: bool = False
+    t_skip: float | None = field(default=None, init=False)
+    decided: bool = field(default=False, init=False)  # the probe or an epoch fixed the totals
+
+    @property
+    def minutes(self) -> float:
+        return self.cfg.time_budget_min
+
+    @property
+    def budget(self) -> float:
+        """Seconds."""
+        return self.cfg.time_budget_min * 60.0
+
+    @property
+    def max_epochs(self) -> int:
+        return self.cfg.epochs
 
     # --- the arithmetic ---
 
