@@ -776,19 +776,13 @@ class InstanceHead(nn.Module):
         anchor = 0.0 * sum(p.float().sum() for p in self.parameters())
         return total_loss(cate, lvl_dice, anchor, self.mask_loss_weight, self.cate_loss_weight)
 
-    def positive_dice(
-        self,
-        preds: tuple,
-        img_lvl_ins_label: Sequence[Sequence[Tensor]],
-        img_lvl_ins_ind_label: Sequence[Sequence[Tensor]],
-    ) -> list[Tensor]:
+    def positive_dice(self, preds: tuple, img_ins: Sequence, img_ind: Sequence) -> list[Tensor]:
         """The dice terms of the positive cells' masks against their targets, level by level
-        (`cell_masks` of the training outputs): a list of (K_l,) for the levels with any."""
+        (`cell_masks` of the training outputs): a list of (K_l,) for the levels with any.
+        img_ins / img_ind: `target`'s img_lvl_ins_label / img_lvl_ins_ind_label."""
         lvl_dice = []
         for level in range(len(self.num_grids)):
-            img_idx, cell_idx, targets = level_positives(
-                img_lvl_ins_ind_label, img_lvl_ins_label, level
-            )
+            img_idx, cell_idx, targets = level_positives(img_ind, img_ins, level)
             if img_idx.numel():
                 probs = self.cell_masks(preds, level, img_idx, cell_idx)
                 lvl_dice.append(dice_loss(probs, targets, self.dice_eps))

@@ -293,12 +293,7 @@ class SOLOv2Head(InstanceHead):
         u = self.mask_upsample
         return [(u * h, u * w)] * len(preds[0])
 
-    def positive_dice(
-        self,
-        preds: tuple,
-        img_lvl_ins_label: Sequence[Sequence[Tensor]],
-        img_lvl_ins_ind_label: Sequence[Sequence[Tensor]],
-    ) -> list[Tensor]:
+    def positive_dice(self, preds: tuple, img_ins: Sequence, img_ind: Sequence) -> list[Tensor]:
         """The dice terms of every level's positive cells at once: all levels' kernels share
         the mask features, so one dynamic convolution serves them (one product per image, not
         one per image and level); the logits upsampled `mask_upsample` times, then the
@@ -306,9 +301,7 @@ class SOLOv2Head(InstanceHead):
         _, lvl_kernel_preds, mask_feats = preds
         kernels, img_idxs, targets = [], [], []
         for level, kernel_pred in enumerate(lvl_kernel_preds):
-            img_idx, cell_idx, target = level_positives(
-                img_lvl_ins_ind_label, img_lvl_ins_label, level
-            )
+            img_idx, cell_idx, target = level_positives(img_ind, img_ins, level)
             B, E, S, _ = kernel_pred.shape
             flat = kernel_pred.permute(0, 2, 3, 1).reshape(B, S * S, E)  # (B, S*S, E)
             kernels.append(flat[img_idx, cell_idx])  # (K_l, E)
