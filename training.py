@@ -808,14 +808,20 @@ def _train_step(net, optimizer, scaler, batch, cfg, procs, run) -> dict[str, flo
             + ", ".join(f"{k}={v}" for k, v in values.items())
             + f"; {checkpoint_note(run.run_dir / 'last.pt')}"
         )
+    backward_and_step(net, optimizer, scaler, losses["total"], cfg)
+    return values
+
+
+def backward_and_step(net, optimizer, scaler, total: torch.Tensor, cfg: Config) -> None:
+    """The backward pass of `total`, gradients clipped at `grad_clip` (0: not), and the
+    optimiser step, through the (fp16) gradient scaler."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(losses["total"]).backward()
+    scaler.scale(total).backward()
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return values
 
 
 def _final_evaluation(model, val_set, cfg, device, run, curve, t_start) -> dict:

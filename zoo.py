@@ -658,6 +658,13 @@ def fill_tensor(name: str, shape, seed: int = 0) -> Tensor:
     return 0.1 * uniform
 
 
+def reference_config(record: Mapping) -> Config:
+    """The config of a tests/data/mmdet_reference record's model: `released_config` from the
+    mmdetection key shapes the record stores (no weights needed)."""
+    shapes = {k: torch.empty(s, device="meta") for k, s in record["state_dict_shapes"].items()}
+    return released_config({"state_dict": shapes}, "mmdet", record["model"])
+
+
 def fill_project_model(model: nn.Module, fmt: str = "mmdet", seed: int = 0) -> None:
     """Fill this project's `model` with `fill_tensor` of each tensor's name in layout `fmt`,
     as loading a file of that layout filled with it would (`to_project_state`): the weights

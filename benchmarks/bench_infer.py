@@ -193,17 +193,22 @@ class Entry:
     samples: list[tuple[float, float, int, int]] = field(default_factory=list)
 
 
-def build_solo_untrained(name: str, args, device: torch.device) -> Entry:
+def untrained_entry(name: str, cfg, num_classes: int, args, device: torch.device) -> Entry:
+    """`cfg`'s model with untrained weights, made to do a trained model's work (module
+    docstring): masks near 0.5, no update_thresh, `--candidates` before and after NMS."""
     from model import build_model
 
-    cfg = cis680_config(name)
     torch.manual_seed(0)
-    model = build_model(cfg, NUM_CLASSES).to(device).eval()
+    model = build_model(cfg, num_classes).to(device).eval()
     open_untrained_masks(model.head)
     model.head.update_thresh = 0.0
     model.head.pre_NMS_num = args.candidates
     model.head.keep_instance = args.candidates
     return Entry(name, model, "untrained", describe(cfg))
+
+
+def build_solo_untrained(name: str, args, device: torch.device) -> Entry:
+    return untrained_entry(name, cis680_config(name), NUM_CLASSES, args, device)
 
 
 RELEASED = Path(__file__).resolve().parents[1] / "tests" / "data" / "mmdet_reference"
@@ -215,24 +220,14 @@ def released_names() -> list[str]:
 
 
 def build_released_untrained(name: str, args, device: torch.device) -> Entry:
-    """A released architecture (`zoo.released_config` from mmdetection's recorded key shapes,
-    80 COCO classes, its released test settings) with untrained weights, set up for timing as
+    """A released architecture (`zoo.reference_config`: mmdetection's recorded key shapes, 80
+    COCO classes, its released test settings) with untrained weights, set up for timing as
     the other untrained SOLO models."""
-
     import zoo
-    from model import build_model
 
-    record = json.loads((RELEASED / f"{name}.json").read_text())
-    shapes = {k: torch.empty(v, device="meta") for k, v in record["state_dict_shapes"].items()}
-    cfg = zoo.released_config({"state_dict": shapes}, "mmdet", name)
-    torch.manual_seed(0)
-    model = build_model(cfg, len(zoo.COCO_CLASSES)).to(device).eval()
-    open_untrained_masks(model.head)
-    model.head.update_thresh = 0.0
-    model.head.pre_NMS_num = args.candidates
-    model.head.keep_instance = args.candidates
+    cfg = zoo.reference_config(json.loads((RELEASED / f"{name}.json").read_text()))
     LABELS[name] = name
-    return Entry(name, model, "untrained", describe(cfg))
+    return untrained_entry(name, cfg, len(zoo.COCO_CLASSES), args, device)
 
 
 def build_solo_checkpoint(path: str, device: torch.device) -> Entry:

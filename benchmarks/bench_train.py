@@ -99,7 +99,15 @@ def measure_training(cfg, warmup: int, iters: int, threads: int | None = None) -
     sizes (which draw different numbers of initial weights) see the same batches."""
     from dataset import build_data
     from model import build_model, resolve_device
-    from training import LOSS_KEYS, _autocast, _to_device, build_optimizer, lr_at, seed_everything
+    from training import (
+        LOSS_KEYS,
+        _autocast,
+        _to_device,
+        backward_and_step,
+        build_optimizer,
+        lr_at,
+        seed_everything,
+    )
 
     if threads:
         torch.set_num_threads(threads)
@@ -130,13 +138,7 @@ def measure_training(cfg, warmup: int, iters: int, threads: int | None = None) -
         with _autocast(cfg, device):
             losses = model(imgs, labels, masks, boxes)
         values = {k: float(losses[k].detach()) for k in LOSS_KEYS}  # as training: syncs
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["total"]).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        backward_and_step(model, optimizer, scaler, losses["total"], cfg)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()

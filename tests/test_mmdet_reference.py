@@ -42,8 +42,7 @@ EDGE = 1e-5  # a category score this close to its point-NMS window's largest is 
 
 def project_model(record: dict):
     """The project's model of the record's architecture, filled as mmdet's was."""
-    shapes = {k: torch.empty(s, device="meta") for k, s in record["state_dict_shapes"].items()}
-    cfg = zoo.released_config({"state_dict": shapes}, "mmdet", record["model"])
+    cfg = zoo.reference_config(record)
     model = build_model(cfg, num_classes=len(zoo.COCO_CLASSES)).eval()
     zoo.fill_project_model(model, "mmdet", record["seed"])
     return model
