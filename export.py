@@ -123,7 +123,6 @@ def finish_outputs(
     padded_size: tuple[int, int],
     orig_size: tuple[int, int],
     ins_thresh: float,
-    chunk: int = postprocess.RESIZE_CHUNK,
 ) -> dict[str, np.ndarray]:
     """The graph's padded outputs -> one image's instances, as the end of
     `postprocess.finish_single` makes them: the kept soft masks (k, Hf, Wf) through
@@ -141,9 +140,8 @@ def finish_outputs(
     count = int(outputs["count"])
     probs = torch.from_numpy(np.asarray(outputs["masks"][:count], dtype=np.float32))  # (k,Hf,Wf)
     h0, w0 = orig_size
-    masks = postprocess.resize_masks(
-        probs, padded_size, input_size, orig_size, ins_thresh, chunk
-    ).numpy()  # (k, h0, w0) uint8
+    masks = postprocess.resize_masks(probs, padded_size, input_size, orig_size, ins_thresh)
+    masks = masks.numpy()  # (k, h0, w0) uint8
     nonempty = masks.reshape(count, h0 * w0).any(axis=1)  # (k, h0, w0) -> (k, h0*w0) -> (k,)
     return {
         "masks": masks[nonempty],

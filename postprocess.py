@@ -22,6 +22,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,7 +32,6 @@ from torch import Tensor
 # --- config ------------------------------------------------------------------------------
 
 NMS_KERNELS = ("gaussian", "linear")  # Matrix NMS decay functions (SOLOv2 Eq. 4)
-RESIZE_CHUNK = 16  # masks resized at once in `finish_single` (a 800x1088 float mask is 3.5 MB)
 
 
 # --- point NMS ---------------------------------------------------------------------------
@@ -222,13 +222,52 @@ def resize_matrix(n_in: int, n_padded: int, n_crop: int, n_out: int) -> Tensor:
     return F.interpolate(up, size=n_out, mode="linear", align_corners=False)[:, 0].T
 
 
+def tap_ranges(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """(first, last) (n_out,): the first and last input with a nonzero weight in each row of a
+    resize matrix (n_out, n_in). Bilinear maps are banded and monotone: output o reads inputs
+    first[o]..last[o] only, and both bounds grow with o (tests/test_postprocess.py checks it)."""
+    nz = matrix != 0
+    n_in = nz.shape[1]
+    return nz.int().argmax(dim=1), n_in - 1 - nz.flip(1).int().argmax(dim=1)
+
+
+@functools.lru_cache(maxsize=32)
+def resize_axis(n_in: int, n_padded: int, n_crop: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(`resize_matrix`, its `tap_ranges`) of one axis, on the CPU; cached, as every image of a
+    data set of one size has the same (callers must not change them in place)."""
+    matrix = resize_matrix(n_in, n_padded, n_crop, n_out)
+    return (matrix, *tap_ranges(matrix))
+
+
+def reading(first: Tensor, last: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """The outputs o0..o1 (each (k,)) that read some input in lo..hi (each (k,)), from a
+    resize matrix's `tap_ranges`; o1 < o0 when none does."""
+    o0 = torch.searchsorted(last.contiguous(), lo.contiguous())  # first o with last[o] >= lo
+    o1 = torch.searchsorted(first.contiguous(), hi.contiguous(), right=True) - 1  # first <= hi
+    return o0, o1
+
+
+def support_boxes(above: Tensor) -> Tensor:
+    """(k, h, w) bool -> (k, 4) int64 rows r0, r1 and columns c0, c1 (inclusive) of each mask's
+    True pixels; (0, -1, 0, -1) for a mask without any."""
+    k, h, w = above.shape
+    rows, cols = above.any(dim=2), above.any(dim=1)  # (k, h), (k, w)
+    r0 = rows.int().argmax(dim=1)
+    r1 = h - 1 - rows.flip(1).int().argmax(dim=1)
+    c0 = cols.int().argmax(dim=1)
+    c1 = w - 1 - cols.flip(1).int().argmax(dim=1)
+    box = torch.stack([r0, r1, c0, c1], dim=1)
+    empty = ~rows.any(dim=1)
+    box[empty] = torch.tensor([0, -1, 0, -1], device=box.device)
+    return box
+
+
 def resize_masks(
     mask_probs: Tensor,
     padded_size: tuple[int, int],
     input_size: tuple[int, int],
     orig_size: tuple[int, int],
     ins_thresh: float = 0.5,
-    chunk: int = RESIZE_CHUNK,
 ) -> Tensor:
     """Soft masks at feature size -> binary masks at the original image size (authors' order).
 
@@ -236,8 +275,17 @@ def resize_masks(
     padding, bilinear resize to the original size, and only then the threshold. Bilinear
     resizing is separable, so the three steps are one linear map per axis (`resize_matrix`):
     masks = R_y @ probs @ R_x^T, the same values up to float rounding, as two matrix products
-    instead of (k, H, W) masks at the padded input size (measured: 78 against 242 ms for 100
-    masks, 200x272 -> 800x1088 -> 300x400, 2 threads). Done `chunk` masks at a time.
+    instead of (k, H, W) masks at the padded input size.
+
+    Each mask is computed only where it can be above the threshold, as Mask R-CNN pastes a
+    mask into its box only. The weights of each output pixel are >= 0 and sum to 1, so a
+    pixel whose inputs all lie at or below `ins_thresh` is itself at or below it: 0. So a
+    mask's output rows and columns are those that read a row / column of its pixels above the
+    threshold at feature size (`support_boxes`, `tap_ranges`), and the product runs over that
+    block, with every input those outputs read; the rest of the mask is 0. For an object that
+    covers a tenth of the image this is a tenth of the work; a mask above the threshold
+    everywhere costs what the whole product costs. Of the two orders of the product (rows or
+    columns first), the one with fewer multiply-adds is taken.
 
     Args:
         mask_probs: (k, h4, w4) soft masks in [0, 1], or their logits with `ins_thresh` a
@@ -248,13 +296,31 @@ def resize_masks(
     """
     k, h4, w4 = mask_probs.shape
     device = mask_probs.device
-    rows = resize_matrix(h4, padded_size[0], input_size[0], orig_size[0]).to(device)  # (h0, h4)
-    cols = resize_matrix(w4, padded_size[1], input_size[1], orig_size[1]).to(device)  # (w0, w4)
     out = torch.zeros((k, *orig_size), dtype=torch.uint8, device=device)
-    for start in range(0, k, chunk):
-        part = mask_probs[start : start + chunk].float()  # (c, h4, w4)
-        full = torch.matmul(rows, part) @ cols.T  # (c, h0, w4) -> (c, h0, w0)
-        out[start : start + chunk] = (full > ins_thresh).to(torch.uint8)
+    if k == 0:
+        return out
+    (H, W), (h, w), (h0, w0) = (
+        tuple(int(v) for v in s) for s in (padded_size, input_size, orig_size)
+    )
+    rows, row_first, row_last = (t.to(device) for t in resize_axis(h4, H, h, h0))  # (h0, h4) ..
+    cols, col_first, col_last = (t.to(device) for t in resize_axis(w4, W, w, w0))  # (w0, w4) ..
+    box = support_boxes(mask_probs > ins_thresh)  # (k, 4) at feature size
+    y0, y1 = reading(row_first, row_last, box[:, 0], box[:, 1])  # output rows to compute
+    x0, x1 = reading(col_first, col_last, box[:, 2], box[:, 3])  # output columns
+    live = (box[:, 1] >= 0) & (y1 >= y0) & (x1 >= x0)
+    y0, y1, x0, x1 = y0[live], y1[live], x0[live], x1[live]
+    # the inputs those outputs read: rows a..b, columns c..d
+    a, b, c, d = row_first[y0], row_last[y1], col_first[x0], col_last[x1]
+    spans = torch.stack([y0, y1, x0, x1, a, b, c, d], dim=1).tolist()
+    for m, (y0, y1, x0, x1, a, b, c, d) in zip(live.nonzero()[:, 0].tolist(), spans, strict=True):
+        block = mask_probs[m, a : b + 1, c : d + 1].float()  # (hb, wb)
+        r, q = rows[y0 : y1 + 1, a : b + 1], cols[x0 : x1 + 1, c : d + 1]  # (ho, hb), (wo, wb)
+        (ho, hb), (wo, wb) = r.shape, q.shape
+        if ho * hb * wb + ho * wb * wo <= hb * wb * wo + ho * hb * wo:
+            full = (r @ block) @ q.T  # rows first: (ho, wb) -> (ho, wo)
+        else:
+            full = r @ (block @ q.T)  # columns first: (hb, wo) -> (ho, wo)
+        out[m, y0 : y1 + 1, x0 : x1 + 1] = full > ins_thresh
     return out
 
 
@@ -309,6 +375,10 @@ def finish_single(
             f"finish_single: mask_logits {tuple(mask_logits.shape)} must match mask_probs "
             f"{tuple(mask_probs.shape)}."
         )
+    if nms_kernel not in NMS_KERNELS:
+        raise ValueError(
+            f"finish_single: nms_kernel must be one of {NMS_KERNELS}, got {nms_kernel!r}."
+        )
     padded_size = tuple(padded_size) if padded_size is not None else (4 * h4, 4 * w4)
     input_size = tuple(input_size) if input_size is not None else padded_size
     orig_size = tuple(orig_size) if orig_size is not None else input_size
@@ -316,35 +386,28 @@ def finish_single(
     if n == 0:
         return _empty_result(orig_size, device)
 
+    # Every step below selects rows; they are composed as indices into the n candidates and
+    # the (n, h4, w4) masks are gathered only where needed (Matrix NMS, the final resize).
     masks = mask_probs > ins_thresh  # (n, h4, w4) bool
     area = masks.sum(dim=(1, 2)).float()  # (n,)
     keep = area > 0
     if strides is not None:
         keep &= area > strides.to(area)
-    # The soft masks to resize at the end, filtered and ordered along with mask_probs.
-    soft = mask_logits if mask_logits is not None else mask_probs
-    mask_probs, masks, area, soft = mask_probs[keep], masks[keep], area[keep], soft[keep]
-    labels, scores = labels[keep], scores[keep]
-    if labels.numel() == 0:
+    idx = keep.nonzero()[:, 0]  # (n1,)
+    if idx.numel() == 0:
         return _empty_result(orig_size, device)
-
-    maskness = (mask_probs * masks).sum(dim=(1, 2)) / area  # (n,) mean soft value in the mask
-    scores = scores * maskness
+    # maskness: the mean soft value inside the binary mask
+    maskness = (mask_probs[idx] * masks[idx]).sum(dim=(1, 2)) / area[idx]  # (n1,)
+    scores = scores[idx] * maskness
     top = torch.argsort(scores, descending=True, stable=True)[:pre_nms_num]
-    mask_probs, masks, area, labels, scores, soft = (
-        mask_probs[top],
-        masks[top],
-        area[top],
-        labels[top],
-        scores[top],
-        soft[top],
-    )
-
-    scores = matrix_nms(masks, labels, scores, nms_kernel, nms_sigma, mask_area=area)
-    keep = scores >= update_thresh
-    soft, labels, scores = soft[keep], labels[keep], scores[keep]
-    top = torch.argsort(scores, descending=True, stable=True)[:keep_instance]
-    soft, labels, scores = soft[top], labels[top], scores[top]
+    idx, scores = idx[top], scores[top]  # sorted by decreasing score, as matrix_nms sorts
+    labels = labels[idx]
+    decay = matrix_nms_decay_sorted(masks[idx], labels, nms_kernel, nms_sigma, area[idx])
+    scores = scores * decay
+    keep = (scores >= update_thresh).nonzero()[:, 0]
+    top = keep[torch.argsort(scores[keep], descending=True, stable=True)[:keep_instance]]
+    idx, labels, scores = idx[top], labels[top], scores[top]
+    soft = (mask_logits if mask_logits is not None else mask_probs)[idx]
 
     threshold = ins_thresh if mask_logits is None else logit(ins_thresh)
     final_masks = resize_masks(soft, padded_size, input_size, orig_size, threshold)

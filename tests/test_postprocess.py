@@ -18,9 +18,12 @@ from postprocess import (
     mask_ious,
     matrix_nms,
     points_nms,
+    reading,
     resize_masks,
     resize_matrix,
     select_candidates,
+    support_boxes,
+    tap_ranges,
 )
 
 # --- helpers -----------------------------------------------------------------------------
@@ -368,3 +371,69 @@ def test_separable_resize_equals_the_three_interpolations(h4, w4, padded, inp, o
         mode="linear",
     )[:, 0]  # (h4, w0): each row of mask 0 resized alone along its width
     torch.testing.assert_close(probs[0] @ matrix.T, cols, atol=1e-6, rtol=1e-5)
+
+
+SIZES = [
+    (8, 12, (32, 48), (32, 42), (30, 40)),
+    (48, 64, (192, 256), (192, 256), (300, 400)),  # the CPU preset on a built-in image
+    (12, 16, (48, 64), (45, 64), (90, 128)),
+    (50, 84, (200, 336), (200, 333), (61, 97)),  # shrunk more than 2x: inputs left unread
+    (5, 7, (20, 28), (20, 28), (20, 28)),
+]
+
+
+AXES = [(h4, p[0], i[0], o[0]) for h4, _, p, i, o in SIZES] + [
+    (w4, p[1], i[1], o[1]) for _, w4, p, i, o in SIZES
+]
+
+
+@pytest.mark.parametrize("n_in, n_pad, n_crop, n_out", AXES)
+def test_tap_ranges_are_monotone_and_hold_every_weight(n_in, n_pad, n_crop, n_out):
+    matrix = resize_matrix(n_in, n_pad, n_crop, n_out)
+    first, last = tap_ranges(matrix)
+    assert (first.diff() >= 0).all() and (last.diff() >= 0).all() and (first <= last).all()
+    inside = torch.arange(n_in)[None, :]
+    band = (inside >= first[:, None]) & (inside <= last[:, None])
+    assert (matrix[~band] == 0).all() and (matrix[band] != 0).any()
+    assert (matrix >= 0).all()  # convex weights: the crop in resize_masks rests on this
+    torch.testing.assert_close(matrix.sum(dim=1), torch.ones(n_out))
+
+
+@pytest.mark.parametrize("h4, w4, padded, inp, orig", SIZES)
+def test_resize_masks_computes_only_the_support_and_equals_the_whole_product(
+    h4, w4, padded, inp, orig
+):
+    gen = torch.Generator().manual_seed(3)
+    k = 12
+    logits = torch.randn(k, h4, w4, generator=gen) * 4 - 6  # mostly below 0
+    for m in range(k):  # a blob of each size at a random place, some at the border
+        r = int(torch.randint(0, h4, (1,), generator=gen))
+        c = int(torch.randint(0, w4, (1,), generator=gen))
+        logits[m, max(r - m, 0) : r + m // 2 + 1, max(c - m, 0) : c + m + 1] += 9
+    logits[0] = -5.0  # nothing above the threshold: an empty mask
+    logits[1, -1, -1] = 5.0  # one pixel in the bottom-right corner (the padding, if any)
+    logits[2] = 3.0  # everything above: the whole product
+    got = resize_masks(logits, padded, inp, orig, 0.0)
+    assert got.shape == (k, *orig) and got.dtype == torch.uint8
+    rows, cols = (
+        resize_matrix(h4, padded[0], inp[0], orig[0]),
+        resize_matrix(w4, padded[1], inp[1], orig[1]),
+    )
+    full = rows @ logits @ cols.T  # (k, h0, w0): the whole product, before the threshold
+    expected = (full > 0).to(torch.uint8)
+    clear = full.abs() > 1e-5  # float rounding may flip only values at the threshold
+    assert torch.equal(got[clear], expected[clear])
+    assert got[0].sum() == 0 and got[2].all()
+
+
+def test_reading_and_support_boxes_by_hand():
+    # x2 bilinear upsampling of 4 inputs (no padding, no resize): output o samples input
+    # (o + 0.5) / 2 - 0.5, clamped, so it reads inputs 0 | 0,1 | 0,1 | 1,2 | 1,2 | 2,3 | 2,3 | 3
+    first, last = tap_ranges(resize_matrix(4, 8, 8, 8))
+    assert first.tolist() == [0, 0, 0, 1, 1, 2, 2, 3]
+    assert last.tolist() == [0, 1, 1, 2, 2, 3, 3, 3]
+    o0, o1 = reading(first, last, torch.tensor([2, 0, 3]), torch.tensor([2, 0, 3]))
+    assert o0.tolist() == [3, 0, 5] and o1.tolist() == [6, 2, 7]  # input 2 is read by 3..6
+    above = torch.zeros(2, 4, 5, dtype=torch.bool)
+    above[0, 1:3, 2] = True
+    assert support_boxes(above).tolist() == [[1, 2, 2, 2], [0, -1, 0, -1]]
