@@ -280,13 +280,13 @@ def evaluate(
 
 
 @torch.no_grad()
-def predict_batches(model, loader, device) -> list[tuple[dict, dict]]:
+def predict_batches(model, loader, device, network=None) -> list[tuple[dict, dict]]:
     """[(meta, result)] for every image of `loader`; result = dict(masks (k,h0,w0) uint8,
-    labels (k,) int64, scores (k,) float32) on the CPU."""
+    labels (k,) int64, scores (k,) float32) on the CPU. network: see `SOLOModel.predict`."""
     model.eval()
     out = []
     for imgs, _, _, _, metas in loader:
-        results = model.predict(imgs.to(device), metas)
+        results = model.predict(imgs.to(device), metas, network=network)
         for meta, result in zip(metas, results, strict=True):
             out.append((meta, {k: v.cpu() for k, v in result.items()}))
     return out

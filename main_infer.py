@@ -17,6 +17,12 @@ Pictures (`<image>_pred.png`: masks over the image in a colour per class, with c
 score) and `results.json` (COCO results format, RLE masks) go to `--out` (default
 `RUN/inference`). The model is rebuilt from the config stored in the checkpoint.
 
+`--runtime` says where a checkpoint's network runs (`runtime.py`): `auto` (the default) runs it
+in ONNX Runtime on the CPU and in PyTorch on a GPU; `torch` and `onnxruntime` force one. The
+network is exported in memory when the run starts (1-3 s) and checked against PyTorch; the
+post-processing is PyTorch's in both, so the detections are the same up to float rounding.
+`--workers N` decodes images in N processes beside the model.
+
     python main_infer.py --onnx runs/solo_cpu/solo.onnx [--images ...] [--eval]
 
 runs a model exported by `export.py` with ONNX Runtime on the CPU instead, one image at a time
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,6 +62,7 @@ from evaluation import (
 )
 from export import OnnxSOLO
 from model import resolve_device
+from runtime import RUNTIMES, OnnxNetwork, choose
 from samples import PhotoDataset, image_to_rgb8, without_augment
 from visualize import draw_instances
 
@@ -229,7 +237,17 @@ def main(argv: list[str] | None = None):
         "--out", default=None, help="output folder (default RUN/inference, or inference_onnx)"
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=4, help="PyTorch only (ONNX: 1)")
+    parser.add_argument(
+        "--runtime",
+        default="auto",
+        choices=RUNTIMES,
+        help="where a checkpoint's network runs: auto (ONNX Runtime on the CPU, PyTorch on a "
+        "GPU), torch, or onnxruntime; the post-processing is PyTorch's either way (runtime.py)",
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="checkpoints only (--onnx: 1)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="processes that decode images beside the model"
+    )
     parser.add_argument("--max-pictures", type=int, default=20, help="PNGs to draw (0 = all)")
     parser.add_argument("--score-min", type=float, default=0.3, help="draw masks above this")
     parser.add_argument("--data", default=None, help="evaluate on other data than the run's")
@@ -273,7 +291,18 @@ def main(argv: list[str] | None = None):
     if args.onnx:
         predictions = predict_onnx(runner, data, source)
     else:
-        predictions = predict_batches(model, data_loader(data, args.batch_size), device)
+        network = None
+        if choose(args.runtime, device) == "onnxruntime":
+            start = time.perf_counter()
+            network = OnnxNetwork(model)
+            took = time.perf_counter() - start
+            print(f"network in ONNX Runtime (exported and checked in {took:.1f} s)")
+        loader = data_loader(data, args.batch_size, args.workers)
+        start = time.perf_counter()
+        predictions = predict_batches(model, loader, device, network)
+        seconds = time.perf_counter() - start
+        rate = len(predictions) / seconds
+        print(f"{len(predictions)} images in {seconds:.1f} s ({rate:.1f} images/s)")
     if not args.images:
         predictions = align_labels(predictions, class_names, data.class_names)
         class_names = data.class_names

@@ -32,6 +32,7 @@ import io
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,12 +94,24 @@ class SOLOModel(nn.Module):
             )
         return {k: losses[k] for k in ("total", "cate", "mask")}
 
+    def network(self, images: Tensor) -> tuple:
+        """The network part of inference: backbone and head with eval=True, (B, 3, H, W) -> the
+        head's eval outputs (what `head.PostProcess` takes)."""
+        return self.head(self.backbone(images), eval=True)
+
     @torch.no_grad()
-    def predict(self, images: Tensor, metas: list[dict] | None = None) -> list[dict[str, Tensor]]:
+    def predict(
+        self,
+        images: Tensor,
+        metas: list[dict] | None = None,
+        network: Callable[[Tensor], tuple] | None = None,
+    ) -> list[dict[str, Tensor]]:
         """Instances per image: dict(masks (k, h0, w0) uint8, labels (k,) in 1..C, scores (k,)).
 
         metas (from the data set) give each image's input and original size; without them the
-        masks stay at the padded size.
+        masks stay at the padded size. network: what runs the network part (default
+        `self.network`, PyTorch; `runtime.OnnxNetwork` runs it in ONNX Runtime); the
+        post-processing is the head's either way.
 
         An image's result does not depend on the rest of its batch: each image is run in its
         own frame (`solo_head.image_frame`: its input size padded to `self.pad_to`, the tensor the
@@ -120,7 +133,7 @@ class SOLOModel(nn.Module):
             group = images
             if len(idx) < B or frame != (H, W):
                 group = images[idx, :, : frame[0], : frame[1]].contiguous()  # (B_g,3,h_f,w_f)
-            preds = self.head(self.backbone(group), eval=True)
+            preds = (network or self.network)(group)
             group_metas = [metas[b] for b in idx] if metas else None
             group_results = self.head.PostProcess(preds, group_metas, padded_size=frame)
             for b, result in zip(idx, group_results, strict=True):
