@@ -28,6 +28,7 @@ Shape legend: B batch, H x W padded input (multiples of 32).
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -38,6 +39,7 @@ from torch import Tensor
 
 RUNTIMES = ("auto", "torch", "onnxruntime")  # main_infer.py --runtime
 CHECK_TOL = 1e-4  # largest |ONNX Runtime - PyTorch| / (1 + largest |PyTorch|) of any output
+EDGE_FRACTION = 0.01  # of an output's values that may be zero in one runtime only (`check`)
 OPSET = 17
 INPUT_NAME = "image"
 
@@ -148,7 +150,11 @@ class OnnxNetwork:
 
     def check(self, size: tuple[int, int], seed: int = 0) -> float:
         """The largest relative difference of any output from PyTorch's on a constructed
-        (1, 3, H, W) input; raises RuntimeError above `CHECK_TOL`."""
+        (1, 3, H, W) input; raises RuntimeError above `CHECK_TOL`.
+
+        A category score that point NMS zeroes in one runtime only (two neighbours within
+        float rounding of each other, common in untrained weights) is a knife edge, not a
+        difference: up to `EDGE_FRACTION` of an output's values may be one-sided zeros."""
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(1, 3, *size, generator=gen)
         with torch.no_grad():
@@ -161,8 +167,13 @@ class OnnxNetwork:
                 raise RuntimeError(
                     f"OnnxNetwork: output {i} is {tuple(g.shape)}, not {tuple(e.shape)}"
                 )
-            diff = float((g - e).abs().max()) / (1.0 + float(e.abs().max())) if e.numel() else 0.0
-            worst = max(worst, diff)
+            one_sided = (e == 0) ^ (g == 0)
+            if one_sided.sum() > EDGE_FRACTION * e.numel():
+                worst = math.inf
+                break
+            diff = (g - e).abs()[~one_sided]
+            if diff.numel():
+                worst = max(worst, float(diff.max()) / (1.0 + float(e.abs().max())))
         if worst > CHECK_TOL:
             raise RuntimeError(
                 f"OnnxNetwork: ONNX Runtime's outputs differ from PyTorch's by {worst:.2e} "
