@@ -393,6 +393,9 @@ class OnnxSOLO:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # No spinning after a run: the resize of the kept masks (PyTorch) follows on the same
+        # cores (see runtime.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such ONNX file")

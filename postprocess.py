@@ -312,15 +312,16 @@ def resize_masks(
     # the inputs those outputs read: rows a..b, columns c..d
     a, b, c, d = row_first[y0], row_last[y1], col_first[x0], col_last[x1]
     spans = torch.stack([y0, y1, x0, x1, a, b, c, d], dim=1).tolist()
+    probs, cols_t = mask_probs.float(), cols.T  # (k, h4, w4), (w4, w0)
     for m, (y0, y1, x0, x1, a, b, c, d) in zip(live.nonzero()[:, 0].tolist(), spans, strict=True):
-        block = mask_probs[m, a : b + 1, c : d + 1].float()  # (hb, wb)
-        r, q = rows[y0 : y1 + 1, a : b + 1], cols[x0 : x1 + 1, c : d + 1]  # (ho, hb), (wo, wb)
-        (ho, hb), (wo, wb) = r.shape, q.shape
+        block = probs[m, a : b + 1, c : d + 1]  # (hb, wb)
+        r, q = rows[y0 : y1 + 1, a : b + 1], cols_t[c : d + 1, x0 : x1 + 1]  # (ho, hb), (wb, wo)
+        ho, hb, wb, wo = y1 + 1 - y0, b + 1 - a, d + 1 - c, x1 + 1 - x0
         if ho * hb * wb + ho * wb * wo <= hb * wb * wo + ho * hb * wo:
-            full = (r @ block) @ q.T  # rows first: (ho, wb) -> (ho, wo)
+            full = (r @ block) @ q  # rows first: (ho, wb) -> (ho, wo)
         else:
-            full = r @ (block @ q.T)  # columns first: (hb, wo) -> (ho, wo)
-        out[m, y0 : y1 + 1, x0 : x1 + 1] = full > ins_thresh
+            full = r @ (block @ q)  # columns first: (hb, wo) -> (ho, wo)
+        torch.gt(full, ins_thresh, out=out[m, y0 : y1 + 1, x0 : x1 + 1])
     return out
 
 

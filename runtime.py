@@ -138,8 +138,9 @@ class OnnxNetwork:
         # No spinning when a run ends: PyTorch's post-processing comes next on the same cores,
         # and spinning threads slowed it (measured: 54 against 40 ms an image on 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.onnx_bytes = buffer.getvalue()  # the graph, for another runtime or a file
         self.session = ort.InferenceSession(
-            buffer.getvalue(), options, providers=["CPUExecutionProvider"]
+            self.onnx_bytes, options, providers=["CPUExecutionProvider"]
         )
         self.check(check_size)
 

@@ -13,6 +13,8 @@ Two settings, each a table of medians (ms per image, batch 1) and ratios:
    - SOLOv2, the whole ONNX graph of `export.py` (`export.OnnxSOLO`: network and static
      post-processing in the graph, the resize after it), exported with enough candidate slots
      for every timed image (more slots cost time, fewer would change results).
+   - SOLOv2, its network in OpenVINO (when installed; measured, not shipped: runtime.py), then
+     the same `head.PostProcess`.
    - YOLO11n-seg, Ultralytics' own PyTorch predictor (`YOLO(...).predict(file, imgsz=256,
      retina_masks=True)`: masks at the original size as for SOLO; its other settings are its
      defaults: conf 0.25, iou 0.7, its batch-norm fusion). `--yolo FILE` times trained weights
@@ -214,6 +216,29 @@ def yolo_runner(weights: str | None, files: list[Path]) -> Runner | None:
     return Runner(name, run)
 
 
+def openvino_network(onnx_net, folder: Path, threads: int):
+    """`onnx_net`'s graph in OpenVINO's CPU plugin (latency hint, `threads` threads), callable
+    like it; None when OpenVINO is not installed. Measured, not shipped (runtime.py says why)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    import runtime
+
+    path = folder / "network.onnx"
+    path.write_bytes(onnx_net.onnx_bytes)
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
+
+    def network(images):
+        outputs = request.infer({0: np.ascontiguousarray(images.numpy(), dtype=np.float32)})
+        flat = [torch.from_numpy(np.array(outputs[port])) for port in request.model_outputs]
+        return runtime.unflatten(flat, onnx_net.structure)
+
+    return network
+
+
 def throughput(model, data, network, batch_size: int, workers: int) -> float:
     """images/s of main_infer.py's loop (`evaluation.predict_batches`) over `data`."""
     from evaluation import data_loader, predict_batches
@@ -267,6 +292,9 @@ def small_setting(args) -> dict:
         solo_runner("SOLOv2 CPU preset, ONNX Runtime network", model, data, onnx_net),
         graph_runner(f"SOLOv2 CPU preset, whole ONNX graph ({slots} slots)", graph, data),
     ]
+    openvino = openvino_network(onnx_net, folder, args.threads)
+    if openvino is not None:
+        runners.append(solo_runner("SOLOv2 CPU preset, OpenVINO network", model, data, openvino))
     yolo = yolo_runner(args.yolo, files)
     if yolo is not None:
         runners.append(yolo)
@@ -295,12 +323,14 @@ def small_setting(args) -> dict:
         print("(YOLO11n-seg is UNTRAINED here: speed only, with almost no detection to process)")
 
     rates = {}
-    for name, network in (("PyTorch eager", None), ("ONNX Runtime network", onnx_net)):
-        throughput(model, data, network, args.batch_size, args.workers)  # warm-up
-        rates[name] = throughput(model, data, network, args.batch_size, args.workers)
+    for workers in sorted({0, args.workers}):
+        for name, network in (("PyTorch eager", None), ("ONNX Runtime network", onnx_net)):
+            throughput(model, data, network, args.batch_size, workers)  # warm-up
+            rate = throughput(model, data, network, args.batch_size, workers)
+            rates[f"{name}, {workers} workers"] = rate
     print(
-        f"throughput over the {len(files)} files (batch {args.batch_size}, {args.workers} "
-        "decoding workers): " + ", ".join(f"{k} {v:.1f} images/s" for k, v in rates.items())
+        f"throughput over the {len(files)} files, batch {args.batch_size} (images/s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
     )
     return {"rows": rows, "throughput": rates, "candidate_slots": slots}
 
@@ -367,7 +397,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4, help="throughput: batch")
-    parser.add_argument("--workers", type=int, default=1, help="throughput: decoding workers")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="throughput: decoding workers (and 0)"
+    )
     parser.add_argument("--large", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
     parser.add_argument("--large-images", type=int, default=3)
     parser.add_argument("--skip-large", action="store_true")
