@@ -38,6 +38,7 @@ import torch.nn as nn
 from torch import Tensor
 
 RUNTIMES = ("auto", "torch", "onnxruntime")  # main_infer.py --runtime
+AUTO_MIN_IMAGES = 20  # --runtime auto: ONNX Runtime on the CPU from this many images (`choose`)
 CHECK_TOL = 1e-4  # largest |ONNX Runtime - PyTorch| / (1 + largest |PyTorch|) of any output
 EDGE_FRACTION = 0.01  # of an output's values that may be zero in one runtime only (`check`)
 OPSET = 17
@@ -82,13 +83,16 @@ class _Network(nn.Module):
         return tuple(flatten(self.model.network(images))[0])
 
 
-def choose(runtime: str, device: torch.device) -> str:
-    """`--runtime auto` -> onnxruntime on the CPU, torch on a GPU; other names stay."""
+def choose(runtime: str, device: torch.device, num_images: int) -> str:
+    """`--runtime auto` -> onnxruntime on the CPU for `AUTO_MIN_IMAGES` images or more (fewer
+    would not win back the export and its check: 1 s for the CPU preset's model, about 10 s for
+    a ResNet-50 one, on 2 cores), torch otherwise and on a GPU; other names stay."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+    on_cpu = torch.device(device).type == "cpu"
     if runtime == "auto":
-        return "onnxruntime" if torch.device(device).type == "cpu" else "torch"
-    if runtime == "onnxruntime" and torch.device(device).type != "cpu":
+        return "onnxruntime" if on_cpu and num_images >= AUTO_MIN_IMAGES else "torch"
+    if runtime == "onnxruntime" and not on_cpu:
         raise ValueError("--runtime onnxruntime runs on the CPU; use --device cpu with it")
     return runtime
 

@@ -385,7 +385,38 @@ def large_setting(args) -> dict:
         f" {torch.get_num_threads()} threads"
     )
     print(table(rows, parts, "Mask R-CNN R50-FPN, PyTorch eager", "/ Mask R-CNN"))
-    return {"rows": rows}
+    return {"rows": rows, "resize_ms_by_extent": resize_by_extent(size)}
+
+
+def resize_by_extent(size: tuple[int, int], count: int = 100, repeats: int = 3) -> dict:
+    """ms of `postprocess.resize_masks` for `count` masks at `size` (feature size / 4, padded
+    to 32) whose pixels above 0.5 fill a box of 5 %, 20 % or 100 % of the image: a trained
+    mask covers its object, an untrained one (the table above) the whole image."""
+    import postprocess
+    from dataset import padded_size
+
+    H, W = padded_size(size, 32)
+    h4, w4 = H // 4, W // 4
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for share in (0.05, 0.2, 1.0):
+        bh, bw = max(1, round(h4 * share**0.5)), max(1, round(w4 * share**0.5))
+        probs = torch.rand(count, h4, w4, generator=gen) * 0.5  # all below the threshold ...
+        for m in range(count):  # ... but a box at a random place
+            y = int(torch.randint(0, h4 - bh + 1, (1,), generator=gen))
+            x = int(torch.randint(0, w4 - bw + 1, (1,), generator=gen))
+            probs[m, y : y + bh, x : x + bw] += 0.5
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            postprocess.resize_masks(probs, (H, W), size, size)
+            times.append(time.perf_counter() - start)
+        out[f"{share:.0%}"] = 1000 * statistics.median(times)
+    print(
+        f"resize of {count} masks to {size} whose pixels above the threshold fill a box of "
+        + ", ".join(f"{k} of the image: {v:.0f} ms" for k, v in out.items())
+    )
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -80,13 +80,16 @@ def test_a_graph_that_differs_from_pytorch_is_refused(monkeypatch):
 
 
 def test_choose_the_runtime():
-    assert runtime.choose("auto", torch.device("cpu")) == "onnxruntime"
-    assert runtime.choose("auto", torch.device("cuda")) == "torch"
-    assert runtime.choose("torch", torch.device("cpu")) == "torch"
+    cpu, gpu, many = torch.device("cpu"), torch.device("cuda"), runtime.AUTO_MIN_IMAGES
+    assert runtime.choose("auto", cpu, many) == "onnxruntime"
+    assert runtime.choose("auto", cpu, many - 1) == "torch"  # the export would not pay
+    assert runtime.choose("auto", gpu, many) == "torch"
+    assert runtime.choose("torch", cpu, many) == "torch"
+    assert runtime.choose("onnxruntime", cpu, 1) == "onnxruntime"
     with pytest.raises(ValueError, match="--device cpu"):
-        runtime.choose("onnxruntime", torch.device("cuda"))
+        runtime.choose("onnxruntime", gpu, many)
     with pytest.raises(ValueError, match="unknown runtime"):
-        runtime.choose("openvino", torch.device("cpu"))
+        runtime.choose("openvino", cpu, many)
 
 
 def test_main_infer_runtimes_write_the_same_detections(tmp_path, capsys):
@@ -103,7 +106,9 @@ def test_main_infer_runtimes_write_the_same_detections(tmp_path, capsys):
         Image.fromarray(np.ascontiguousarray(image)).save(photos / f"p{i}.png")
     common = ["--checkpoint", str(ckpt), "--images", str(photos), "--score-min", "0"]
     main_infer.main([*common, "--out", str(tmp_path / "pt"), "--runtime", "torch"])
-    main_infer.main([*common, "--out", str(tmp_path / "ort"), "--workers", "1"])  # auto
+    main_infer.main(
+        [*common, "--out", str(tmp_path / "ort"), "--runtime", "onnxruntime", "--workers", "1"]
+    )
     out = capsys.readouterr().out
     assert "network in ONNX Runtime" in out and "images/s" in out
     assert len(detections(tmp_path / "pt")) > 3
