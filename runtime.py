@@ -1,6 +1,6 @@
 """Where inference runs: a SOLO model's network part in PyTorch or in ONNX Runtime.
 
-    net = OnnxNetwork(model)                        # export and check, once (1-3 s)
+    net = OnnxNetwork(model)          # export and check, once: 1 s (CPU preset), ~10 s (R50)
     results = model.predict(images, metas, network=net)
     python main_infer.py --checkpoint runs/solo_cpu --runtime onnxruntime --images photos/
 
@@ -14,9 +14,10 @@ frame) and no candidate is capped.
 
 Why ONNX Runtime: it fuses each batch norm into its convolution and runs convolutions in its
 own blocked layout; on this project's 2-core x86 test machine the CPU preset's network ran in
-0.6 x PyTorch's time and SOLOv2 R50's in 0.7 x (`benchmarks/bench_vs_peers.py`). OpenVINO, which
-reads the same graph, was measured and not added: 1.6 x ONNX Runtime's time at 192 x 256 and
-the same at 800 x 1344 on that machine.
+0.6 x PyTorch's time alone (20 against 34 ms) and 0.7 x in the interleaved benchmark, SOLOv2
+R50's in 0.7 x (`benchmarks/bench_vs_peers.py`, docs/benchmarks.md). OpenVINO, which reads
+the same graph, was measured there and not added: no faster than ONNX Runtime at 192 x 256 or
+at 800 x 1344 on that machine.
 
 The check. `OnnxNetwork` runs PyTorch and ONNX Runtime on one constructed input when it is made
 and raises `RuntimeError` when an output differs by more than `CHECK_TOL` (relative to the
@@ -102,9 +103,10 @@ class OnnxNetwork:
     by ONNX Runtime; callable like `model.network`: images (B, 3, H, W) -> the head's eval
     outputs, as float32 torch tensors.
 
-    check_size: (H, W) of the constructed input of the check (default: 2 x 32 x 32 cells, the
-    smallest input every head takes at its coarsest level). threads: ONNX Runtime's intra-op
-    threads (default: torch's, so both runtimes use the same cores).
+    check_size: (H, W) of the constructed input the export traces and the check compares
+    (the CPU preset's input by default; any multiple of 32 works, the graph takes every size).
+    threads: ONNX Runtime's intra-op threads (default: torch's, so both runtimes use the same
+    cores).
     """
 
     def __init__(
