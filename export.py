@@ -139,15 +139,11 @@ def finish_outputs(
     """
     count = int(outputs["count"])
     probs = torch.from_numpy(np.asarray(outputs["masks"][:count], dtype=np.float32))  # (k,Hf,Wf)
-    h0, w0 = orig_size
     masks = postprocess.resize_masks(probs, padded_size, input_size, orig_size, ins_thresh)
-    masks = masks.numpy()  # (k, h0, w0) uint8
-    nonempty = masks.reshape(count, h0 * w0).any(axis=1)  # (k, h0, w0) -> (k, h0*w0) -> (k,)
-    return {
-        "masks": masks[nonempty],
-        "labels": np.asarray(outputs["labels"][:count], dtype=np.int64)[nonempty],
-        "scores": np.asarray(outputs["scores"][:count], dtype=np.float32)[nonempty],
-    }
+    labels = torch.from_numpy(np.asarray(outputs["labels"][:count]))
+    scores = torch.from_numpy(np.asarray(outputs["scores"][:count]))
+    result = postprocess.drop_empty(masks, labels, scores)  # (k, h0, w0) uint8 masks ...
+    return {key: value.numpy() for key, value in result.items()}
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -412,9 +412,15 @@ def finish_single(
 
     threshold = ins_thresh if mask_logits is None else logit(ins_thresh)
     final_masks = resize_masks(soft, padded_size, input_size, orig_size, threshold)
-    nonempty = final_masks.flatten(1).amax(dim=1) > 0  # (k,) bool
-    return {
-        "masks": final_masks[nonempty],
-        "labels": labels[nonempty].to(torch.int64),
-        "scores": scores[nonempty].to(torch.float32),
-    }
+    return drop_empty(final_masks, labels, scores)
+
+
+def drop_empty(masks: Tensor, labels: Tensor, scores: Tensor) -> dict[str, Tensor]:
+    """The result dict (masks (k, h0, w0) uint8, labels int64, scores float32) without the
+    detections whose mask is empty at the original size (it lay in the padding); the masks
+    are not copied when none is (a copy of 30 masks of 300 x 400 took a fifth of the CPU
+    preset's post-processing)."""
+    nonempty = masks.flatten(1).amax(dim=1) > 0  # (k,) bool
+    if not bool(nonempty.all()):
+        masks, labels, scores = masks[nonempty], labels[nonempty], scores[nonempty]
+    return {"masks": masks, "labels": labels.to(torch.int64), "scores": scores.to(torch.float32)}
