@@ -126,6 +126,21 @@ def load_model(path, device) -> tuple[torch.nn.Module, object, tuple[str, ...]]:
     return net.to(device).eval(), cfg, class_names
 
 
+def onnx_network(model, forced: bool) -> OnnxNetwork | None:
+    """`runtime.OnnxNetwork(model)`, timed. When its export or check fails, `--runtime auto`
+    (forced False) says so and goes on in PyTorch; `--runtime onnxruntime` raises."""
+    start = time.perf_counter()
+    try:
+        network = OnnxNetwork(model)
+    except Exception as err:  # the exporter's and ONNX Runtime's own types, and the check's
+        if forced:
+            raise
+        print(f"network stays in PyTorch: the ONNX Runtime one failed ({err})", file=sys.stderr)
+        return None
+    print(f"network in ONNX Runtime (exported and checked in {time.perf_counter() - start:.1f} s)")
+    return network
+
+
 def align_labels(
     predictions: list[tuple[dict, dict]], model_names, data_names
 ) -> list[tuple[dict, dict]]:
@@ -294,10 +309,7 @@ def main(argv: list[str] | None = None):
     else:
         network = None
         if choose(args.runtime, device, len(data)) == "onnxruntime":
-            start = time.perf_counter()
-            network = OnnxNetwork(model)
-            took = time.perf_counter() - start
-            print(f"network in ONNX Runtime (exported and checked in {took:.1f} s)")
+            network = onnx_network(model, forced=args.runtime == "onnxruntime")
         loader = data_loader(data, args.batch_size, args.workers)
         start = time.perf_counter()
         predictions = predict_batches(model, loader, device, network)

@@ -313,6 +313,7 @@ def resize_masks(
     a, b, c, d = row_first[y0], row_last[y1], col_first[x0], col_last[x1]
     spans = torch.stack([y0, y1, x0, x1, a, b, c, d], dim=1).tolist()
     probs, cols_t = mask_probs.float(), cols.T  # (k, h4, w4), (w4, w0)
+    out_bool = out.view(torch.bool)  # the same bytes: the threshold writes without a cast
     for m, (y0, y1, x0, x1, a, b, c, d) in zip(live.nonzero()[:, 0].tolist(), spans, strict=True):
         block = probs[m, a : b + 1, c : d + 1]  # (hb, wb)
         r, q = rows[y0 : y1 + 1, a : b + 1], cols_t[c : d + 1, x0 : x1 + 1]  # (ho, hb), (wb, wo)
@@ -321,7 +322,7 @@ def resize_masks(
             full = (r @ block) @ q  # rows first: (ho, wb) -> (ho, wo)
         else:
             full = r @ (block @ q)  # columns first: (hb, wo) -> (ho, wo)
-        torch.gt(full, ins_thresh, out=out[m, y0 : y1 + 1, x0 : x1 + 1])
+        torch.gt(full, ins_thresh, out=out_bool[m, y0 : y1 + 1, x0 : x1 + 1])
     return out
 
 

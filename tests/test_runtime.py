@@ -113,3 +113,16 @@ def test_main_infer_runtimes_write_the_same_detections(tmp_path, capsys):
     assert "network in ONNX Runtime" in out and "images/s" in out
     assert len(detections(tmp_path / "pt")) > 3
     assert_same_detections(detections(tmp_path / "pt"), detections(tmp_path / "ort"))
+
+
+def test_auto_goes_on_in_pytorch_when_the_onnx_network_fails(monkeypatch, capsys):
+    model, _ = tiny_model("solov2")
+
+    def broken(model):
+        raise RuntimeError("OnnxNetwork: ONNX Runtime's outputs differ from PyTorch's")
+
+    monkeypatch.setattr(main_infer, "OnnxNetwork", broken)
+    assert main_infer.onnx_network(model, forced=False) is None
+    assert "network stays in PyTorch" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="differ from PyTorch"):
+        main_infer.onnx_network(model, forced=True)
