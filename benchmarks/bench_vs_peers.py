@@ -42,7 +42,7 @@ Fair timing as in bench_infer.py: warm-up passes first, then `--repeats` rounds 
 every entry running the same image in turn, the order rotated at every step; medians of the
 per-image times. Threads: `--threads` (default 2) for PyTorch, ONNX Runtime and Ultralytics.
 
-Run (about 4 minutes on 2 cores, most of it the 800 x 1333 models):
+Run (about 5 minutes on 2 cores, most of it the 800 x 1333 models):
     python benchmarks/bench_vs_peers.py --yolo runs/yolo_peer/yolo11n-seg.pt
     python benchmarks/bench_vs_peers.py --skip-large --images 20           # the small size only
     python benchmarks/bench_vs_peers.py --images 2 --repeats 1 --large 256 320   # smoke test
