@@ -79,6 +79,12 @@ def mask_ious(masks: Tensor, mask_area: Tensor | None = None) -> Tensor:
     return inter / union.clamp(min=1e-6)
 
 
+def check_kernel(kernel: str, who: str) -> None:
+    """Raise a ValueError naming `who` unless `kernel` is a Matrix NMS decay function."""
+    if kernel not in NMS_KERNELS:
+        raise ValueError(f"{who}: the NMS kernel must be one of {NMS_KERNELS}, got {kernel!r}.")
+
+
 def matrix_nms_decay_sorted(
     masks: Tensor,
     labels: Tensor,
@@ -148,8 +154,7 @@ def matrix_nms(
     Returns:
         (n,) decayed scores, scores * decay with 0 <= decay <= 1, in the input order.
     """
-    if kernel not in NMS_KERNELS:
-        raise ValueError(f"matrix_nms: kernel must be one of {NMS_KERNELS}, got {kernel!r}.")
+    check_kernel(kernel, "matrix_nms")
     n = scores.shape[0]
     if masks.shape[0] != n or labels.shape[0] != n:
         raise ValueError(
@@ -377,10 +382,7 @@ def finish_single(
             f"finish_single: mask_logits {tuple(mask_logits.shape)} must match mask_probs "
             f"{tuple(mask_probs.shape)}."
         )
-    if nms_kernel not in NMS_KERNELS:
-        raise ValueError(
-            f"finish_single: nms_kernel must be one of {NMS_KERNELS}, got {nms_kernel!r}."
-        )
+    check_kernel(nms_kernel, "finish_single")
     padded_size = tuple(padded_size) if padded_size is not None else (4 * h4, 4 * w4)
     input_size = tuple(input_size) if input_size is not None else padded_size
     orig_size = tuple(orig_size) if orig_size is not None else input_size

@@ -103,8 +103,9 @@ class OnnxNetwork:
     by ONNX Runtime; callable like `model.network`: images (B, 3, H, W) -> the head's eval
     outputs, as float32 torch tensors.
 
-    check_size: (H, W) of the constructed input the export traces and the check compares
-    (the CPU preset's input by default; any multiple of 32 works, the graph takes every size).
+    check_size: (H, W) of the two constructed inputs, the one the export traces and the one the
+    check compares on (the CPU preset's input by default; any multiple of 32 works, the graph
+    takes every size).
     threads: ONNX Runtime's intra-op threads (default: torch's, so both runtimes use the same
     cores).
     """
@@ -120,9 +121,13 @@ class OnnxNetwork:
         if next(model.parameters()).device.type != "cpu":
             raise ValueError("OnnxNetwork: the model must be on the CPU (ONNX Runtime runs there)")
         self.model = model.eval()
+        # The check compares on another constructed input than the one the export traces (a
+        # graph fixed to its trace's values would fail there); PyTorch's outputs on it also
+        # give the outputs' structure.
+        x = torch.randn(1, 3, *check_size, generator=torch.Generator().manual_seed(0))
         example = torch.randn(1, 3, *check_size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            self.structure = flatten(model.network(example))[1]
+            expected, self.structure = flatten(model.network(x))
         buffer = io.BytesIO()
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about Python branches on shapes (the heads' size checks); the
@@ -148,24 +153,20 @@ class OnnxNetwork:
         self.session = ort.InferenceSession(
             self.onnx_bytes, options, providers=["CPUExecutionProvider"]
         )
-        self.check(check_size)
+        self.check(x, expected)
 
     def __call__(self, images: Tensor) -> tuple:
         x = np.ascontiguousarray(images.detach().cpu().float().numpy())
         outputs = self.session.run(None, {INPUT_NAME: x})
         return unflatten([torch.from_numpy(o) for o in outputs], self.structure)
 
-    def check(self, size: tuple[int, int], seed: int = 0) -> float:
-        """The largest relative difference of any output from PyTorch's on a constructed
-        (1, 3, H, W) input; raises RuntimeError above `CHECK_TOL`.
+    def check(self, x: Tensor, expected: Sequence[Tensor]) -> float:
+        """The largest relative difference of this graph's outputs on `x` (1, 3, H, W) from
+        `expected`, PyTorch's flattened outputs on it; raises RuntimeError above `CHECK_TOL`.
 
         A category score that point NMS zeroes in one runtime only (two neighbours within
         float rounding of each other, common in untrained weights) is a knife edge, not a
         difference: up to `EDGE_FRACTION` of an output's values may be one-sided zeros."""
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(1, 3, *size, generator=gen)
-        with torch.no_grad():
-            expected = flatten(self.model.network(x))[0]
         got = flatten(self(x))[0]
         worst = 0.0
         for i, (e, g) in enumerate(zip(expected, got, strict=True)):
@@ -184,7 +185,7 @@ class OnnxNetwork:
         if worst > CHECK_TOL:
             raise RuntimeError(
                 f"OnnxNetwork: ONNX Runtime's outputs differ from PyTorch's by {worst:.2e} "
-                f"(relative; at most {CHECK_TOL:g} is allowed) at input {tuple(size)}; run with "
-                "--runtime torch"
+                f"(relative; at most {CHECK_TOL:g} is allowed) at input {tuple(x.shape[-2:])}; "
+                "run with --runtime torch"
             )
         return worst

@@ -148,20 +148,28 @@ def write_images(dataset, count: int, folder: Path) -> list[Path]:
     return files
 
 
-def solo_runner(name: str, model, data, network) -> Runner:
-    """Read + preprocess (`ImageFiles`), `network`, `head.PostProcess`."""
+@torch.inference_mode()
+def network_and_post(model, network, img, meta) -> tuple[dict, int]:
+    """One image (3, H, W) through `network` and `head.PostProcess`: ({"network": s,
+    "post": s}, detections)."""
+    x = img[None]
+    t0 = time.perf_counter()
+    preds = network(x)
+    t1 = time.perf_counter()
+    result = model.head.PostProcess(preds, [meta], padded_size=tuple(x.shape[-2:]))[0]
+    t2 = time.perf_counter()
+    return {"network": t1 - t0, "post": t2 - t1}, len(result["scores"])
 
-    @torch.inference_mode()
+
+def solo_runner(name: str, model, data, network) -> Runner:
+    """Read + preprocess (`ImageFiles`), then `network_and_post`."""
+
     def run(i):
         t0 = time.perf_counter()
         img, _, _, _, meta = data[i]
-        x = img[None]
-        t1 = time.perf_counter()
-        preds = network(x)
-        t2 = time.perf_counter()
-        result = model.head.PostProcess(preds, [meta], padded_size=tuple(x.shape[-2:]))[0]
-        t3 = time.perf_counter()
-        return {"read+pre": t1 - t0, "network": t2 - t1, "post": t3 - t2}, len(result["scores"])
+        read = time.perf_counter() - t0
+        parts, dets = network_and_post(model, network, img, meta)
+        return {"read+pre": read, **parts}, dets
 
     return Runner(name, run)
 
@@ -352,17 +360,10 @@ def large_setting(args) -> dict:
     mrcnn = build_maskrcnn(80, size, torch.device("cpu"))
 
     def solo_run(network):
-        @torch.inference_mode()
         def run(i):
             img, meta = images[i]
             solo.model.head.cate_thresh = thresholds[i]
-            x = img[None]
-            t0 = time.perf_counter()
-            preds = network(x)
-            t1 = time.perf_counter()
-            result = solo.model.head.PostProcess(preds, [meta], padded_size=tuple(x.shape[-2:]))
-            t2 = time.perf_counter()
-            return {"network": t1 - t0, "post": t2 - t1}, len(result[0]["scores"])
+            return network_and_post(solo.model, network, img, meta)
 
         return run
 
