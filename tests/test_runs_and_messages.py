@@ -312,6 +312,15 @@ def test_case_10_every_entry_script_prints_one_line_for_bad_input(data_root, tmp
     ]  # fmt: skip
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT delivered, with its default disposition, as in a
+    terminal. Where this test runs with SIGINT ignored (a background job), Python would keep
+    ignoring it; where it runs with SIGINT blocked (some CI runners' signal mask, which fork
+    and exec inherit), the signal would stay pending and the run would train to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def start(script: str, args: list[str], cwd: Path) -> tuple[subprocess.Popen, Path, Path]:
     out, err = cwd / f"{script}.stdout", cwd / f"{script}.stderr"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
@@ -322,9 +331,7 @@ def start(script: str, args: list[str], cwd: Path) -> tuple[subprocess.Popen, Pa
             env=env,
             stdout=stdout,
             stderr=stderr,
-            # Ctrl-C's default disposition, even where this test runs with SIGINT ignored
-            # (a background job): Python then turns SIGINT into KeyboardInterrupt.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            preexec_fn=ctrl_c_as_in_a_terminal,
         )
     return proc, out, err
 
