@@ -367,13 +367,38 @@ def format_table(metrics: Mapping[str, float]) -> str:
 
 
 def write_results_json(path: str | os.PathLike, detections: Sequence[Mapping]) -> Path:
-    """Write detections as a COCO results json, atomically (temporary file, then rename)."""
+    """Write detections as a COCO results json, atomically (`write_json`)."""
+    return write_json(path, list(detections))
+
+
+def images_json(predictions, class_names: Sequence[str], label_to_category_id) -> dict:
+    """A COCO annotation file without annotations for images that have none (main_infer.py
+    --images): "images" (id = meta["image_id"], file_name, height, width at the original size)
+    and "categories" ({"id": label_to_category_id[k], "name": class_names[k - 1]}), so that
+    `COCO(images.json).loadRes(results.json)` reads the detections with their names."""
+    images = []
+    for meta, _ in predictions:
+        h0, w0 = (int(v) for v in meta["orig_size"])
+        images.append(
+            {"id": int(meta["image_id"]), "file_name": str(meta["file_name"]), "height": h0,
+             "width": w0}
+        )  # fmt: skip
+    categories = [
+        {"id": int(label_to_category_id[k]), "name": str(name)}
+        for k, name in enumerate(class_names, start=1)
+    ]
+    return {"images": images, "annotations": [], "categories": categories}
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write `obj` as json, atomically (temporary file, then rename); numpy and torch values
+    are stored as numbers and lists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(list(detections), f, default=_json_default)
+            json.dump(obj, f, default=_json_default)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -388,4 +413,4 @@ def _json_default(obj):
         return _to_numpy(obj).tolist()
     if isinstance(obj, bytes):
         return obj.decode("ascii")
-    raise TypeError(f"write_results_json: cannot store a {type(obj).__name__} in json.")
+    raise TypeError(f"write_json: cannot store a {type(obj).__name__} in json.")

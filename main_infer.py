@@ -15,7 +15,10 @@ model scores on a json that holds a subset of COCO's categories.
 
 Pictures (`<image>_pred.png`: masks over the image in a colour per class, with class name and
 score) and `results.json` (COCO results format, RLE masks) go to `--out` (default
-`RUN/inference`). The model is rebuilt from the config stored in the checkpoint.
+`RUN/inference`). With `--images` there is no annotation file, so `images.json` beside it names
+the images (ids, files, sizes) and the categories: `COCO("images.json").loadRes("results.json")`
+reads them; a model of the 80 COCO classes gives COCO's own category ids (1..90).
+The model is rebuilt from the config stored in the checkpoint.
 
 `--runtime` says where a checkpoint's network runs (`runtime.py`): `auto` (the default) runs it
 in ONNX Runtime on the CPU for 20 images or more, in PyTorch otherwise and on a GPU; `torch` and
@@ -57,8 +60,11 @@ from evaluation import (
     data_loader,
     detections_of,
     format_table,
+    images_json,
     predict_batches,
+    results_to_coco,
     score,
+    write_json,
     write_results_json,
 )
 from export import OnnxSOLO
@@ -145,15 +151,17 @@ def align_labels(
     predictions: list[tuple[dict, dict]], model_names, data_names
 ) -> list[tuple[dict, dict]]:
     """Predictions with the model's labels (1..C_model) turned into the data's (1..C_data) by
-    class name; instances of a class the data does not have are dropped. The same names in
-    the same order change nothing. No name in common is a ValueError naming a few of each."""
+    class name (`zoo.class_key`: case and "_" against " " aside); instances of a class the data
+    does not have are dropped. The same names in the same order change nothing.
+    No name in common is a ValueError naming a few of each."""
     model_names, data_names = tuple(model_names), tuple(data_names)
     if model_names == data_names:
         return predictions
+    data_keys = [zoo.class_key(name) for name in data_names]
     to_data = torch.zeros(len(model_names) + 1, dtype=torch.int64)  # 0: not in the data
     for k, name in enumerate(model_names, start=1):
-        if name in data_names:
-            to_data[k] = data_names.index(name) + 1
+        if zoo.class_key(name) in data_keys:
+            to_data[k] = data_keys.index(zoo.class_key(name)) + 1
     if not to_data.any():
         raise ValueError(
             f"the model's classes ({', '.join(model_names[:5])}, ...) and the data's "
@@ -319,7 +327,13 @@ def main(argv: list[str] | None = None):
     if not args.images:
         predictions = align_labels(predictions, class_names, data.class_names)
         class_names = data.class_names
-    detections = detections_of(predictions, data)
+    if args.images:  # no annotation file: COCO's ids for a COCO model, and images.json
+        label_to_id = zoo.category_ids(class_names)
+        image_ids = [meta["image_id"] for meta, _ in predictions]
+        detections = results_to_coco(image_ids, [r for _, r in predictions], label_to_id)
+        write_json(out_dir / "images.json", images_json(predictions, class_names, label_to_id))
+    else:
+        detections = detections_of(predictions, data)
     write_results_json(out_dir / "results.json", detections)
     n_pics = len(predictions) if args.max_pictures == 0 else args.max_pictures
     save_pictures(predictions[:n_pics], source, class_names, out_dir, args.score_min)

@@ -89,6 +89,12 @@ COCO_CLASSES = (
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
 
+# COCO's own category ids of COCO_CLASSES, in the same order: instances_*.json numbers them 1..90
+# and leaves ten unused, and a COCO results file (the evaluation server, pycocotools against the
+# official json) gives those ids, not 1..80.
+COCO_UNUSED_IDS = frozenset({12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
+COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in COCO_UNUSED_IDS)
+
 # The released models' test settings: the same in mmdetection's configs (test_cfg), the
 # authors' (test_cfg) and AdelaiDet's (MODEL.SOLOV2.*): score_thr, mask_thr, nms_pre,
 # max_per_img, kernel, sigma, update_thr / filter_thr.
@@ -583,10 +589,31 @@ def released_class_names(state, num_classes: int) -> tuple[str, ...]:
         names = dataset_meta.get("classes") if isinstance(dataset_meta, Mapping) else None
         names = names if names is not None else meta.get("CLASSES")
     if isinstance(names, (list, tuple)) and len(names) == num_classes:
-        return tuple(str(n) for n in names)
+        names = tuple(str(n) for n in names)
+        return COCO_CLASSES if is_coco(names) else names  # mmdet 1.x: "traffic_light"
     if num_classes == len(COCO_CLASSES):
         return COCO_CLASSES
     return tuple(f"class_{k + 1}" for k in range(num_classes))
+
+
+def class_key(name: str) -> str:
+    """A class name as compared across files: lower case, "_" as a space. mmdetection 1.x
+    (and so the authors' WXinlong/SOLO files) spells COCO's "traffic light" "traffic_light"."""
+    return " ".join(str(name).replace("_", " ").lower().split())
+
+
+def is_coco(class_names: Sequence[str]) -> bool:
+    """Whether `class_names` are COCO's 80 categories in COCO's order (as `class_key`s)."""
+    return [class_key(n) for n in class_names] == [class_key(n) for n in COCO_CLASSES]
+
+
+def category_ids(class_names: Sequence[str]) -> dict[int, int]:
+    """label (1..C) -> the category id a results file gives it when no annotation file says:
+    COCO's own ids (COCO_CATEGORY_IDS, 1..90) for a model of the 80 COCO classes (a released
+    model, or one fine-tuned keeping them all), else the label itself."""
+    if is_coco(class_names):
+        return dict(enumerate(COCO_CATEGORY_IDS, start=1))
+    return {k: k for k in range(1, len(class_names) + 1)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ The files are made here in mmdetection's layout with random weights (tests/test_
 helpers); what is tested is the path from the file to the pictures and the AP table, and the
 matching of the model's 80 COCO classes to the evaluated json's by name."""
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -11,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 from test_zoo import filled_state, layout_file, saved, small_config
 
+import evaluation
 import main_infer
 import zoo
 from errors import ModelFileError
@@ -52,18 +56,55 @@ def test_align_labels_matches_classes_by_name():
     assert same[0][1] is result
     with pytest.raises(ValueError, match="no name in common"):
         main_infer.align_labels([({}, result)], ("dog",), ("cat",))
+    # mmdetection 1.x's "traffic_light" is a json's "traffic light".
+    [(_, under)] = main_infer.align_labels(
+        [({}, result)], ("traffic_light", "x", "y"), ("Traffic Light",)
+    )
+    assert under["labels"].tolist() == [1, 1]
 
 
-def test_a_released_file_runs_on_photos(released_file, tmp_path):
-    photo = tmp_path / "photo.jpg"
+def test_a_released_file_runs_on_photos(tmp_path):
+    # Its cells score 0.5 for "person" (COCO id 1) and "toothbrush" (label 80, COCO id 90).
+    state = filled_state(small_config("solov2_light"), classes=len(zoo.COCO_CLASSES))
+    state["head.cate_out.weight"] = torch.zeros_like(state["head.cate_out.weight"])
+    bias = torch.full_like(state["head.cate_out.bias"], -9.0)
+    bias[zoo.COCO_CLASSES.index("person")] = 0.0
+    bias[zoo.COCO_CLASSES.index("toothbrush")] = 0.0
+    state["head.cate_out.bias"] = bias
+    released = saved(tmp_path, layout_file(state, "mmdet", classes=zoo.COCO_CLASSES))
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(photo)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, size in (("a.jpg", (300, 500)), ("b.png", (240, 200))):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(photos / name)
     out = tmp_path / "out"
-    main_infer.main(["--checkpoint", str(released_file), "--images", str(photo), "--out", str(out)])
-    assert (out / "0000_photo_pred.png").is_file()
+    main_infer.main(["--checkpoint", str(released), "--images", str(photos), "--out", str(out)])
+    assert (out / "0000_a_pred.png").is_file() and (out / "0001_b_pred.png").is_file()
     detections = json.loads((out / "results.json").read_text())
-    assert detections and all(1 <= d["category_id"] <= 80 for d in detections)
-    assert all(d["segmentation"]["size"] == [300, 500] for d in detections)  # original size
+    assert {d["category_id"] for d in detections} == {1, 90}  # COCO's ids, not labels 1..80
+    sizes = {d["image_id"]: d["segmentation"]["size"] for d in detections}
+    assert sizes == {0: [300, 500], 1: [240, 200]}  # the original sizes
+    # images.json names the images and categories: pycocotools reads the two together.
+    images = json.loads((out / "images.json").read_text())
+    assert [(im["id"], Path(im["file_name"]).name, im["height"], im["width"]) for im in
+            images["images"]] == [(0, "a.jpg", 300, 500), (1, "b.png", 240, 200)]  # fmt: skip
+    assert len(images["categories"]) == 80 and images["annotations"] == []
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(out / "images.json"))
+        results = coco.loadRes(str(out / "results.json"))
+    names = {results.cats[a["category_id"]]["name"] for a in results.anns.values()}
+    assert names == {"person", "toothbrush"} and len(results.anns) == len(detections)
+
+
+def test_a_project_model_on_photos_keeps_its_labels_as_ids(tmp_path):
+    names = ("vehicle", "person", "animal")
+    assert zoo.category_ids(names) == {1: 1, 2: 2, 3: 3}
+    meta = {"image_id": 7, "file_name": "x.jpg", "orig_size": (4, 6)}
+    images = evaluation.images_json([(meta, {})], names, zoo.category_ids(names))
+    assert images["images"] == [{"id": 7, "file_name": "x.jpg", "height": 4, "width": 6}]
+    assert images["categories"] == [
+        {"id": 1, "name": "vehicle"}, {"id": 2, "name": "person"}, {"id": 3, "name": "animal"}
+    ]  # fmt: skip
 
 
 @pytest.mark.skipif(not COCO128.is_dir(), reason=f"coco128 not found at {COCO128}")

@@ -24,6 +24,8 @@ from cli import run
 from errors import ModelFileError
 from model import build_model, load_model
 
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+
 REFERENCE = Path(__file__).parent / "data" / "mmdet_reference"
 # The released architectures tools/make_mmdet_reference.py records (mmdetection 3.3.0).
 REFERENCE_MODELS = {
@@ -174,6 +176,36 @@ def test_eighty_outputs_without_names_are_the_coco_classes():
     assert zoo.released_class_names({"meta": {"CLASSES": ["x", "y"]}}, 2) == ("x", "y")
     # Names that do not fit the outputs are not used.
     assert zoo.released_class_names({"meta": {"CLASSES": ["x"]}}, 2) == ("class_1", "class_2")
+
+
+def test_mmdetection_1x_underscored_coco_names_are_cocos():
+    # mmdetection 1.x, which the authors' WXinlong/SOLO files come from, writes
+    # "traffic_light": read as COCO's own names, the classes match a COCO json's by name.
+    underscored = [name.replace(" ", "_") for name in zoo.COCO_CLASSES]
+    assert "traffic_light" in underscored
+    names = zoo.released_class_names({"meta": {"CLASSES": underscored}}, 80)
+    assert names == zoo.COCO_CLASSES
+    assert zoo.class_key("Traffic_Light") == zoo.class_key("traffic light") == "traffic light"
+    assert zoo.is_coco(underscored) and not zoo.is_coco(zoo.COCO_CLASSES[::-1])
+    assert not zoo.is_coco(zoo.COCO_CLASSES[:79])
+
+
+def test_coco_category_ids_skip_cocos_ten_unused_ids():
+    ids = zoo.COCO_CATEGORY_IDS
+    assert len(ids) == 80 and ids[0] == 1 and ids[-1] == 90
+    assert list(ids) == sorted(set(ids))
+    assert set(range(1, 91)) - set(ids) == {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
+    mapping = zoo.category_ids(zoo.COCO_CLASSES)
+    assert mapping[zoo.COCO_CLASSES.index("stop sign") + 1] == 13  # the first after a gap
+    assert mapping[80] == 90
+    assert zoo.category_ids(("cat", "dog", "car")) == {1: 1, 2: 2, 3: 3}  # not COCO's 80
+
+
+@pytest.mark.skipif(not COCO128.is_dir(), reason=f"coco128 not found at {COCO128}")
+def test_coco_category_ids_are_the_official_jsons():
+    annotations = json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())
+    official = {c["id"]: c["name"] for c in annotations["categories"]}
+    assert dict(zip(zoo.COCO_CATEGORY_IDS, zoo.COCO_CLASSES, strict=True)) == official
 
 
 # --------------------------------------------------------------------------------------------
