@@ -925,9 +925,11 @@ def finetune_config(cfg: Config, given: Collection[str] = ()) -> Config:
 
 def class_rows(file_names: Sequence[str], class_names: Sequence[str], path) -> list[int]:
     """The file's category rows of `class_names`, in their order (`--keep-classes`): label k of
-    the data is output channel rows[k - 1] of the file. A name the file lacks is one
-    DataError listing the missing names and a few of the file's."""
-    missing = [name for name in class_names if name not in file_names]
+    the data is output channel rows[k - 1] of the file; names compare as `class_key`s (case
+    and "_" against " " aside). A name the file lacks is one DataError listing the missing
+    names and a few of the file's."""
+    file_keys = [class_key(name) for name in file_names]
+    missing = [name for name in class_names if class_key(name) not in file_keys]
     if missing:
         raise DataError(
             f"{path}: --keep-classes needs each class of the data among the file's "
@@ -935,7 +937,7 @@ def class_rows(file_names: Sequence[str], class_names: Sequence[str], path) -> l
             f"has {_few([repr(n) for n in file_names], 6)}); rename the data's classes to the "
             "file's names or leave out --keep-classes"
         )
-    return [list(file_names).index(name) for name in class_names]
+    return [file_keys.index(class_key(name)) for name in class_names]
 
 
 def freeze_pretrained_stages(model: SOLOModel) -> None:

@@ -174,6 +174,8 @@ def test_keep_classes_takes_the_files_rows_of_the_data_classes(released, capsys)
     for key in CATE:
         assert torch.equal(model.state_dict()[key], state[key][rows]), key
     assert zoo.class_rows(FILE_CLASSES, DATA_CLASSES, "f") == rows
+    # A COCO json's "traffic light" is mmdetection 1.x's "traffic_light".
+    assert zoo.class_rows(("car", "traffic_light"), ("Traffic Light", "car"), "f") == [1, 0]
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "file's rows of vehicle, person, animal" in line
 
