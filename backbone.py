@@ -156,6 +156,18 @@ def set_width(body: resnet.ResNet, width: int) -> resnet.ResNet:
     return body
 
 
+def set_stride_in_1x1(body: resnet.ResNet) -> resnet.ResNet:
+    """Move the stride of each strided bottleneck (the first block of layer2..layer4) from its
+    3x3 conv (torchvision, "ResNet v1.5") to its first 1x1 conv (the original ResNet and
+    detectron2's MSRA weights, RESNETS.STRIDE_IN_1X1 = True); the shortcut keeps its stride.
+    The weights' shapes do not change. ResNet-10/18/34 (basic blocks) are a ValueError."""
+    if not isinstance(body.layer2[0], resnet.Bottleneck):
+        raise ValueError("stride_in_1x1 needs a bottleneck ResNet (depth 50 or 101)")
+    for block in (body.layer2[0], body.layer3[0], body.layer4[0]):
+        block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+    return body
+
+
 def freeze_layers(body: resnet.ResNet, trainable_layers: int) -> None:
     """Freeze all but the last `trainable_layers` of conv1(+bn1), layer1..layer4 (0..5)."""
     if not 0 <= trainable_layers <= 5:
@@ -205,6 +217,7 @@ def build_backbone(
     norm: str = "auto",
     trainable_layers: int | None = None,
     width: int = 64,
+    stride_in_1x1: bool = False,
 ) -> Backbone:
     """ResNet-`depth` + FPN with `out_channels` channels and outputs P2..P6 (strides 4..64).
 
@@ -215,6 +228,8 @@ def build_backbone(
     frozen random layer is useless, so a smaller number is overridden with a warning.
     width: channels of the stem and the first stage (torchvision: 64); the stages double it.
     Other widths train from scratch only.
+    stride_in_1x1: a bottleneck ResNet (50, 101) with each stage's stride in its first 1x1
+    conv instead of the 3x3 (`set_stride_in_1x1`; the same weights, another network).
     """
     if depth not in RESNETS:
         raise ValueError(f"backbone depth must be one of {sorted(RESNETS)}, got {depth}")
@@ -251,6 +266,8 @@ def build_backbone(
     body = builder(weights=None, norm_layer=norm_layer_for(norm))
     if width != 64:
         set_width(body, width)
+    if stride_in_1x1:
+        set_stride_in_1x1(body)
     if weights == "imagenet":
         load_resnet_weights(body, imagenet_state_dict(depth), f"ImageNet ResNet-{depth}")
     elif weights is not None:

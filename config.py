@@ -64,6 +64,8 @@ class Config:
     depth: int = 50  # ResNet depth: 10, 18, 34, 50, 101 (10: one block per stage, no weights)
     backbone_width: int = 64  # ResNet stem / first-stage channels, doubled per stage
     #                           (torchvision: 64; other widths train from scratch only)
+    stride_in_1x1: bool = False  # ResNet-50/101: each stage's stride in its first 1x1 conv,
+    #                              not the 3x3 (detectron2's MSRA ResNet: AdelaiDet's files)
     fpn_channels: int = 256  # FPN output channels (hand-out: 256)
     backbone_weights: str = ""  # "", "imagenet" (torchvision hub) or a local state-dict file
     norm: str = "auto"  # backbone norm: auto (frozen BN with weights, trainable BN without),
@@ -425,6 +427,11 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"mask_loss_stride must be 1, 2 or 4, got {cfg.mask_loss_stride!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.stride_in_1x1 and cfg.depth < 50:
+        raise ValueError(
+            f"stride_in_1x1 needs a bottleneck ResNet (depth 50 or 101), got depth {cfg.depth}: "
+            "ResNet-10/18/34 have their strides in a 3x3 conv in every convention"
+        )
     if cfg.keep_classes and not cfg.init_from:
         raise ValueError("keep_classes needs init_from: the file whose category rows to keep")
     if cfg.init_from and cfg.backbone_weights:

@@ -11,10 +11,9 @@ the config, the weights under this project's names and the class names, plus `ep
 `source` (the input's file name and layout). It has no optimiser state: it is for inference
 and as a start for training, not for `resume_train.py`. Written with `model.atomic_save`.
 
-Refused with one line (exit status 2): a file in no known layout, a ResNeXt or DCN model, a
-mismatch between the file and the model built for it, and AdelaiDet's ResNet-50/101, whose
-stride-in-1x1 blocks no Config field holds yet (`zoo.convertible`; `zoo.load_released` runs
-them exactly in memory).
+Refused with one line (exit status 2): a file in no known layout, a ResNeXt or DCN model, and
+a mismatch between the file and the model built for it. AdelaiDet's ResNet-50/101, with their
+strides in the 1x1 convs, keep that in the config (`stride_in_1x1`).
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ import argparse
 from pathlib import Path
 
 from config import config_to_dict
-from errors import ModelFileError
 from model import atomic_save
-from zoo import FORMATS, build_released, convertible, detect_format, read_released
+from zoo import FORMATS, build_released, detect_format, read_released
 
 # --------------------------------------------------------------------------------------------
 # main
@@ -42,12 +40,6 @@ def main(argv: list[str] | None = None) -> Path:
     state = read_released(args.checkpoint)
     fmt = detect_format(state, args.checkpoint)
     model, class_names, cfg = build_released(state, fmt, args.checkpoint)
-    if not convertible(model):
-        raise ModelFileError(
-            f"{args.checkpoint}: {FORMATS[fmt]} whose ResNet has its strides in the 1x1 convs "
-            "(detectron2's STRIDE_IN_1X1); this project's config cannot record that yet, so "
-            "it cannot be written as this project's checkpoint (zoo.load_released runs it)"
-        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(
         {

@@ -158,6 +158,7 @@ def build_model(cfg: Config, num_classes: int) -> SOLOModel:
         weights=cfg.backbone_weights or None,
         norm=cfg.norm,
         width=cfg.backbone_width,
+        stride_in_1x1=cfg.stride_in_1x1,
     )
     return SOLOModel(backbone, head, pad_to=cfg.pad_to)
 

@@ -20,9 +20,9 @@ Layouts (`FORMATS`):
   `backbone.fpn_*`, `ins_head.`, `mask_head.`. Two conventions differ from the others and are
   converted exactly: detectron2's input is BGR in 0..255 minus the pixel mean with std 1
   (folded into the first conv, `fold_detectron2_input`), and its MSRA ResNet-50/101 put each
-  stage's stride in the first 1x1 conv (RESNETS.STRIDE_IN_1X1), which `load_released` sets on
-  the built backbone (`set_stride_in_1x1`). This project's Config has no field for the second,
-  so such a model cannot be written as this project's checkpoint (`convertible`).
+  stage's stride in the first 1x1 conv (RESNETS.STRIDE_IN_1X1), which the config records
+  (`Config.stride_in_1x1`, `backbone.set_stride_in_1x1`), so such a model converts and
+  fine-tunes as the others do.
 - "project": this project's own checkpoint (config, model, class_names).
 Any of them may carry DataParallel's `module.` prefix. ResNeXt and deformable-conv (DCN)
 variants are refused with one line saying so.
@@ -55,7 +55,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torchvision.models import resnet
 
 from backbone import freeze_layers
 from config import CIS680, Config, model_config, scale_ranges_for, validate
@@ -130,10 +129,10 @@ RELEASED_SOLOV2_GRIDS = (40, 36, 24, 16, 12)
 # the architecture, which the weights must fit, the input and the test settings it was
 # released with. An --input-size given without --scale-ranges rescales the file's ranges.
 FINETUNE_FROM_FILE = (
-    "model", "depth", "backbone_width", "fpn_channels", "seg_feat_channels", "stacked_convs",
-    "strides", "num_grids", "scale_ranges", "kernel_channels", "mask_feat_channels",
-    "mask_loss_stride", "epsilon", "input_size", "cate_thresh", "ins_thresh", "pre_nms_num",
-    "keep_instance", "nms_kernel", "nms_sigma", "update_thresh",
+    "model", "depth", "backbone_width", "stride_in_1x1", "fpn_channels", "seg_feat_channels",
+    "stacked_convs", "strides", "num_grids", "scale_ranges", "kernel_channels",
+    "mask_feat_channels", "mask_loss_stride", "epsilon", "input_size", "cate_thresh",
+    "ins_thresh", "pre_nms_num", "keep_instance", "nms_kernel", "nms_sigma", "update_thresh",
 )  # fmt: skip
 # The fine-tuning schedule, for every field not given: 12 epochs of a few hundred images on a
 # CPU or a Colab GPU. From mmdetection's fine-tuning tutorial (docs/tutorials/finetune.md of
@@ -496,10 +495,10 @@ def resnet_depth(weights: Mapping[str, Tensor], what: str) -> int:
     return depth
 
 
-def strides_in_1x1(fmt: str, cfg: Config) -> bool:
-    """Whether the model of a file in layout `fmt` with config `cfg` has its ResNet strides in
-    the 1x1 convs: AdelaiDet's bottleneck ResNets (detectron2's STRIDE_IN_1X1)."""
-    return fmt == "adelaidet" and cfg.depth >= 50
+def strides_in_1x1(fmt: str, depth: int) -> bool:
+    """Whether a file in layout `fmt` of a ResNet-`depth` has its ResNet strides in the 1x1
+    convs: AdelaiDet's bottleneck ResNets (detectron2's STRIDE_IN_1X1)."""
+    return fmt == "adelaidet" and depth >= 50
 
 
 def released_config(state, fmt: str, path) -> Config:
@@ -538,8 +537,10 @@ def released_config(state, fmt: str, path) -> Config:
             f"({_first_keys(k for k in source if not k.startswith(('backbone.', 'neck.')))})"
         )
     tower = "head.cate_convs."
+    depth = resnet_depth(weights, what)
     settings = dict(
-        depth=resnet_depth(weights, what),
+        depth=depth,
+        stride_in_1x1=strides_in_1x1(fmt, depth),
         fpn_channels=_shape(weights, "backbone.net.fpn.inner_blocks.0.0.weight", what)[0],
         seg_feat_channels=_shape(weights, tower + "0.0.weight", what)[0],
         stacked_convs=len(_indices(weights, tower)),
@@ -729,32 +730,6 @@ def reference_image(h: int = 800, w: int = 1216) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# modules: the one backbone change a released model needs
-# --------------------------------------------------------------------------------------------
-
-
-def _first_bottlenecks(model: SOLOModel) -> list[resnet.Bottleneck]:
-    """The first block of layer2..layer4 (the strided ones) where they are bottlenecks."""
-    body = model.backbone.net.body
-    blocks = [body.layer2[0], body.layer3[0], body.layer4[0]]
-    return [block for block in blocks if isinstance(block, resnet.Bottleneck)]
-
-
-def set_stride_in_1x1(model: SOLOModel) -> None:
-    """Move each stage's stride of a bottleneck ResNet from the 3x3 conv (torchvision) to the
-    first 1x1 conv (detectron2's MSRA ResNet, RESNETS.STRIDE_IN_1X1 = True); same weights.
-    Basic blocks (ResNet-18/34) have their stride in the first 3x3 conv in both."""
-    for block in _first_bottlenecks(model):
-        block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
-
-
-def convertible(model: SOLOModel) -> bool:
-    """Whether `model` is what its config builds, so that this project's checkpoint of it
-    rebuilds the same network: False after `set_stride_in_1x1` (no Config field holds it)."""
-    return all(block.conv1.stride == (1, 1) for block in _first_bottlenecks(model))
-
-
-# --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
 
@@ -837,8 +812,6 @@ def build_released(state, fmt: str, path) -> tuple[SOLOModel, tuple[str, ...], C
         weights = to_project_state(weights_of(state), fmt)
         class_names = released_class_names(state, int(weights["head.cate_out.bias"].shape[0]))
     model = build_model(cfg, num_classes=len(class_names))
-    if strides_in_1x1(fmt, cfg):
-        set_stride_in_1x1(model)
     rules = RULES[fmt]
     load_strict(model, weights, fmt, path, lambda key: rename_key(key, rules, to_project=False))
     return model.eval(), class_names, cfg
@@ -868,21 +841,13 @@ def finetune_lr_steps(epochs: int) -> tuple[int, int]:
 
 def finetune_source(path) -> tuple[object, str, Config]:
     """(what torch.load gave, its layout, its config) for the --init-from `path`: a released
-    file, this project's checkpoint or a run folder (its last.pt). AdelaiDet's ResNet-50/101
-    (`strides_in_1x1`) are one ModelFileError: the training builds torchvision's ResNet."""
+    file, this project's checkpoint or a run folder (its last.pt)."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
     state = read_released(path)
     fmt = detect_format(state, path)
     cfg = released_config(state, fmt, path)
-    if strides_in_1x1(fmt, cfg):
-        raise ModelFileError(
-            f"{path}: {FORMATS[fmt]} of a ResNet-{cfg.depth} with its strides in the 1x1 convs "
-            "(detectron2's STRIDE_IN_1X1), which no Config field holds, so training cannot "
-            "build it and it cannot be fine-tuned here; main_infer.py runs it as it is, and "
-            "AdelaiDet's ResNet-18/34 and the other layouts fine-tune"
-        )
     return state, fmt, cfg
 
 

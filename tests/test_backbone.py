@@ -157,3 +157,21 @@ def test_main_prints_shapes(capsys):
     backbone.main(["--depth", "18", "--fpn-channels", "32", "--size", "64", "96"])
     out = capsys.readouterr().out
     assert "P6 stride 64: (1, 32, 1, 2)" in out
+
+
+def test_stride_in_1x1_moves_each_stages_stride_and_keeps_the_weights():
+    torch.manual_seed(0)
+    ours = build_backbone(50, 32).eval()
+    theirs = build_backbone(50, 32, stride_in_1x1=True).eval()
+    theirs.load_state_dict(ours.state_dict())  # the same tensors fit: only strides moved
+    for name in ("layer2", "layer3", "layer4"):
+        block = getattr(theirs.net.body, name)[0]
+        assert (block.conv1.stride, block.conv2.stride) == ((2, 2), (1, 1)), name
+        assert block.downsample[0].stride == (2, 2)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    assert [p.shape for p in a] == [p.shape for p in b]  # the same pyramid
+    assert not torch.allclose(a[1], b[1])  # another network
+    with pytest.raises(ValueError, match="bottleneck ResNet"):
+        build_backbone(18, 32, stride_in_1x1=True)

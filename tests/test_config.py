@@ -85,6 +85,16 @@ def test_inconsistent_levels_are_refused():
         parse(["--preset", "cis680", "--num-grids", "40", "36"])
 
 
+def test_stride_in_1x1_needs_a_bottleneck_resnet():
+    with pytest.raises(ValueError, match="stride_in_1x1 needs a bottleneck ResNet"):
+        parse(["--preset", "cpu", "--stride-in-1x1"])  # the cpu preset's ResNet-18
+    assert parse(["--preset", "cis680", "--stride-in-1x1"]).stride_in_1x1  # ResNet-50
+    # A checkpoint's config from before the field: torchvision's strides, as it was trained.
+    data = config_to_dict(CIS680)
+    del data["stride_in_1x1"]
+    assert not config_from_dict(data).stride_in_1x1
+
+
 def test_dict_round_trip_is_exact():
     for cfg in (CIS680, CPU):
         assert config_from_dict(config_to_dict(cfg)) == cfg

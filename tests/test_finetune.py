@@ -118,12 +118,18 @@ def test_keep_classes_needs_init_from_and_init_from_replaces_backbone_weights():
         finetune(["--init-from", "x.pth", "--backbone-weights", "imagenet"])
 
 
-def test_adelaidet_resnet50_cannot_be_fine_tuned(tmp_path):
+def test_adelaidet_resnet50_fine_tunes_with_its_strides_in_the_1x1_convs(tmp_path):
     state = build_model(small_config("solov2", depth=50, stacked_convs=3), 5).state_dict()
     path = tmp_path / "adelaidet_r50.pth"
     torch.save(layout_file(state, "adelaidet"), path)
-    with pytest.raises(ModelFileError, match="STRIDE_IN_1X1.*cannot be fine-tuned"):
-        finetune(["--init-from", str(path)])
+    cfg = finetune(["--init-from", str(path), "--input-size", "64", "96"])
+    assert cfg.stride_in_1x1 and cfg.depth == 50
+    model, _ = new_run(cfg, DATA_CLASSES)
+    block = model.backbone.net.body.layer2[0]
+    assert (block.conv1.stride, block.conv2.stride) == ((2, 2), (1, 1))
+    # The run's weights are the file's (fill_tensor's, not the init's), in the same network.
+    first = "backbone.net.body.layer2.0.conv1.weight"
+    assert torch.equal(model.state_dict()[first], state[first])
 
 
 # --------------------------------------------------------------------------------------------

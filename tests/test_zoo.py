@@ -448,12 +448,19 @@ def test_folding_detectron2s_input_into_the_first_conv_is_exact():
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-8)
 
 
-def test_adelaidet_resnet50_strides_in_the_1x1_convs_and_cannot_be_converted(tmp_path):
+def flat(outputs) -> list[torch.Tensor]:
+    """The tensors of nested lists / tuples of tensors, in order."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    return [t for item in outputs for t in flat(item)]
+
+
+def test_adelaidet_resnet50_strides_in_the_1x1_convs_and_converts(tmp_path):
     cfg = small_config("solov2", depth=50, stacked_convs=3)
     state = filled_state(cfg)
     path = saved(tmp_path, layout_file(state, "adelaidet"))
     net, _, loaded_cfg = zoo.load_released(path)
-    assert loaded_cfg.depth == 50 and not zoo.convertible(net)
+    assert loaded_cfg.depth == 50 and loaded_cfg.stride_in_1x1
     assert_same_tensors(net, state, "adelaidet")
     block = net.backbone.net.body.layer3[0]
     assert (block.conv1.stride, block.conv2.stride) == ((2, 2), (1, 1))
@@ -464,9 +471,16 @@ def test_adelaidet_resnet50_strides_in_the_1x1_convs_and_cannot_be_converted(tmp
         y = F.relu(block.bn2(F.conv2d(y, block.conv2.weight, padding=1)))
         y = block.bn3(F.conv2d(y, block.conv3.weight)) + block.downsample(x)
         torch.testing.assert_close(block(x), F.relu(y))
-    with pytest.raises(ModelFileError, match="STRIDE_IN_1X1"):
-        convert_checkpoint.main([str(path), "--out", str(tmp_path / "out.pt")])
-    assert not (tmp_path / "out.pt").exists()
+    # The config records it, so this project's checkpoint rebuilds the same network.
+    out = convert_checkpoint.main([str(path), "--out", str(tmp_path / "out.pt")])
+    converted, conv_cfg, _ = load_model(out, "cpu")
+    assert conv_cfg == loaded_cfg
+    block = converted.backbone.net.body.layer3[0]
+    assert (block.conv1.stride, block.conv2.stride) == ((2, 2), (1, 1))
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ours, theirs = converted.network(images), net.network(images)
+    assert all(torch.equal(a, b) for a, b in zip(flat(ours), flat(theirs), strict=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +492,7 @@ def test_convert_checkpoint_round_trip_predicts_the_same(tmp_path, project_state
     src = saved(tmp_path, layout_file(project_states["solov2"], "mmdet", classes=list("abcde")))
     out = convert_checkpoint.main([str(src), "--out", str(tmp_path / "conv" / "solov2.pt")])
     released, names, cfg = zoo.load_released(src)
-    assert zoo.convertible(released)  # torchvision's ResNet, as its config builds it
+    assert not cfg.stride_in_1x1  # torchvision's ResNet: strides in the 3x3 convs
     converted, conv_cfg, conv_names = load_model(out, "cpu")
     assert conv_cfg == cfg and conv_names == names == tuple("abcde")
     assert zoo.detect_format(torch.load(out, weights_only=True), out) == "project"
