@@ -109,27 +109,34 @@ def predict_onnx(runner, dataset, source) -> list[tuple[dict, dict]]:
 def load_model(path, device) -> tuple[torch.nn.Module, object, tuple[str, ...]]:
     """(model in eval mode on `device`, its config, class names) from a run folder, one of
     this project's checkpoints (`model.load_model`), or a released model zoo file (`zoo`).
+    The file is read once.
 
     A file that is neither keeps this project's one-line ModelFileError, which then says that
     no released layout fits either; a released file whose weights do not fit gets zoo's."""
-    try:
+    path = Path(path)
+    if path.is_dir():
         return project_model.load_model(path, device)
+    neither = (
+        "; nor is it a released SOLO / SOLOv2 file (mmdetection, WXinlong/SOLO or AdelaiDet layout)"
+    )
+    try:
+        state = project_model.read_torch_file(path)
     except ModelFileError as ours:
-        if Path(path).is_dir():
-            raise
+        raise ModelFileError(f"{ours}{neither}") from ours
+    try:
+        project_model.check_contents(path, state)
+    except ModelFileError as ours:
         try:
-            state = zoo.read_released(path)
             fmt = zoo.detect_format(state, path)
         except ModelFileError:
-            raise ModelFileError(
-                f"{ours}; nor is it a released SOLO / SOLOv2 file (mmdetection, WXinlong/SOLO "
-                "or AdelaiDet layout)"
-            ) from ours
-        if fmt == "project":
+            raise ModelFileError(f"{ours}{neither}") from ours
+        if fmt == "project":  # ours, with a config this code cannot read
             raise
-    net, class_names, cfg = zoo.build_released(state, fmt, path)
-    print(f"{path}: {zoo.FORMATS[fmt]}, {cfg.model} ResNet-{cfg.depth}, {len(class_names)} classes")
-    return net.to(device).eval(), cfg, class_names
+        net, class_names, cfg = zoo.build_released(state, fmt, path)
+        names = f"{len(class_names)} classes"
+        print(f"{path}: {zoo.FORMATS[fmt]}, {cfg.model} ResNet-{cfg.depth}, {names}")
+        return net.to(device).eval(), cfg, class_names
+    return project_model.model_of(state, path, device)
 
 
 def onnx_network(model, forced: bool) -> OnnxNetwork | None:

@@ -311,7 +311,7 @@ def _unreadable(path: Path, err: Exception) -> str:
     return f"not a PyTorch checkpoint ({size} bytes torch.load cannot read); {expected}"
 
 
-def _check_contents(path: Path, checkpoint) -> None:
+def check_contents(path: Path, checkpoint) -> None:
     """Raise ModelFileError unless `checkpoint` has what resume and inference read."""
     if not isinstance(checkpoint, dict):
         raise ModelFileError(
@@ -344,14 +344,21 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
+    checkpoint = read_torch_file(path)
+    check_contents(path, checkpoint)
+    return checkpoint
+
+
+def read_torch_file(path: Path) -> object:
+    """What torch.load(weights_only=True) gives for the file `path`, whatever it holds; a
+    missing file is a FileNotFoundError, one torch.load cannot read or refuses (a pickle asking
+    for code) one ModelFileError."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint there (expected a .pt file or run folder)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # whatever the bytes made torch.load raise
         raise ModelFileError(f"{path}: {_unreadable(path, err)}") from err
-    _check_contents(path, checkpoint)
-    return checkpoint
 
 
 def config_of(checkpoint: dict) -> Config:
@@ -364,7 +371,11 @@ def load_model(checkpoint_path, device) -> tuple[torch.nn.Module, Config, tuple[
 
     A file that is not one of ours, or whose weights do not fit the model its own config
     builds, raises `errors.ModelFileError` (one line naming the file)."""
-    checkpoint = load_checkpoint(checkpoint_path)
+    return model_of(load_checkpoint(checkpoint_path), checkpoint_path, device)
+
+
+def model_of(checkpoint: dict, checkpoint_path, device) -> tuple[torch.nn.Module, Config, tuple]:
+    """`load_model` for a checkpoint already read (and checked) from `checkpoint_path`."""
     cfg = config_of(checkpoint)
     class_names = tuple(checkpoint["class_names"])
     model = build_model(cfg, num_classes=len(class_names))

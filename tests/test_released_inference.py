@@ -154,3 +154,16 @@ def test_a_file_that_is_neither_ours_nor_released_says_both(tmp_path):
     message = str(info.value)
     assert "not a checkpoint written by main_train.py" in message
     assert "nor is it a released SOLO / SOLOv2 file" in message and "\n" not in message
+
+
+def test_a_released_file_is_read_once(released_file, monkeypatch):
+    reads = []
+    load = torch.load
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    _, cfg, names = main_infer.load_model(released_file, torch.device("cpu"))
+    assert reads == [released_file] and names == zoo.COCO_CLASSES and cfg.preset == "released"
