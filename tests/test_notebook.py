@@ -10,8 +10,13 @@ import json
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import torch
 from nbclient import NotebookClient
+from PIL import Image
+from test_zoo import filled_state, layout_file, saved, small_config
+
+import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "solo_colab.ipynb"
@@ -26,7 +31,11 @@ TINY_FLAGS = [
 ]  # fmt: skip
 
 
-def quick_parameters(work_dir: Path) -> str:
+# Step 9's fine-tuning on the same tiny input (tests/test_finetune.py's TINY_RUN).
+FINETUNE_FLAGS = ["--input-size", "64", "96", "--batch-size", "4", "--num-workers", "0"]
+
+
+def quick_parameters(work_dir: Path, released: str = "", photos: tuple[str, ...] = ()) -> str:
     return "\n".join(
         [
             'REPO_URL = ""',
@@ -42,6 +51,10 @@ def quick_parameters(work_dir: Path) -> str:
             'RUN_DIR = "runs/quick"',
             "NUM_PICTURES = 2",
             f"EXTRA_FLAGS = {TINY_FLAGS!r}",
+            f"RELEASED = {released!r}",
+            f"PHOTOS = {list(photos)!r}",
+            "FINETUNE_EPOCHS = 1",
+            f"FINETUNE_FLAGS = {FINETUNE_FLAGS!r}",
         ]
     )
 
@@ -90,10 +103,18 @@ def test_notebook_runs_top_to_bottom_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     repo_files = files_in_repo()
 
+    # Steps 8 and 9 take a local released file (mmdetection's layout, 80 COCO classes, random
+    # weights: tests/test_zoo.py's) and a local photo; in Colab they are downloaded.
+    state = filled_state(small_config("solov2_light"), classes=len(zoo.COCO_CLASSES))
+    released = saved(tmp_path, layout_file(state, "mmdet", classes=zoo.COCO_CLASSES))
+    photo = tmp_path / "photo.jpg"
+    pixels = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(photo)
+
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     work = tmp_path / "work"
-    params.source = quick_parameters(work)
+    params.source = quick_parameters(work, str(released), (str(photo),))
     client = NotebookClient(
         nb,
         timeout=300,
@@ -117,5 +138,12 @@ def test_notebook_runs_top_to_bottom_on_the_cpu(tmp_path, monkeypatch):
     table = text_of(cells["ap"])
     assert "metric" in table and "AP50" in table
     assert len(list((tmp_path / "data").glob("builtin_v*_n24_s0_*"))) == 4
+    # The released model drew the photo; the fine-tuned run started from its weights.
+    assert pngs_shown(cells["released"]) == 1
+    assert (work / "outputs" / "released" / "images.json").is_file()
+    assert pngs_shown(cells["finetune"]) == 1 and "AP50" in text_of(cells["finetune"])
+    tuned = torch.load(work / "runs" / "quick_finetuned" / "last.pt", weights_only=True)
+    assert tuned["config"]["init_from"] == str(released) and tuned["epoch"] == 1
+    assert "re-initialised" in text_of(cells["finetune"])
     # Nothing was written into the repository.
     assert files_in_repo() == repo_files
