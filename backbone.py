@@ -37,6 +37,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from errors import ConfigError, ModelFileError
+
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
@@ -46,7 +48,7 @@ def resnet10(*, weights: None = None, **kwargs) -> resnet.ResNet:
     """ResNet-10: ResNet-18's stem and stages with one basic block per stage instead of two
     (torchvision has no ImageNet weights for it)."""
     if weights is not None:
-        raise ValueError("torchvision has no ImageNet weights for ResNet-10")
+        raise ConfigError("torchvision has no ImageNet weights for ResNet-10")
     return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
 
 
@@ -75,7 +77,7 @@ def norm_layer_for(norm: str) -> Callable[[int], nn.Module]:
         return FrozenBatchNorm2d
     if norm == "gn":
         return lambda num_channels: nn.GroupNorm(GN_GROUPS, num_channels)
-    raise ValueError(f"backbone norm must be one of {NORMS[1:]} (or 'auto'), got {norm!r}")
+    raise ConfigError(f"backbone norm must be one of {NORMS[1:]} (or 'auto'), got {norm!r}")
 
 
 def imagenet_state_dict(depth: int) -> dict[str, torch.Tensor]:
@@ -113,7 +115,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(
+        raise ModelFileError(
             f"backbone weights file {path} holds a {type(state).__name__}, "
             "expected a ResNet state dict"
         )
@@ -126,7 +128,7 @@ def load_resnet_weights(body: resnet.ResNet, state: dict[str, torch.Tensor], sou
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(
+        raise ModelFileError(
             f"backbone weights {source} do not fit this ResNet: missing {missing[:4]}"
             f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
             f"{'...' if len(unexpected) > 4 else ''} (is the depth right?)"
@@ -162,7 +164,7 @@ def set_stride_in_1x1(body: resnet.ResNet) -> resnet.ResNet:
     detectron2's MSRA weights, RESNETS.STRIDE_IN_1X1 = True); the shortcut keeps its stride.
     The weights' shapes do not change. ResNet-10/18/34 (basic blocks) are a ValueError."""
     if not isinstance(body.layer2[0], resnet.Bottleneck):
-        raise ValueError("stride_in_1x1 needs a bottleneck ResNet (depth 50 or 101)")
+        raise ConfigError("stride_in_1x1 needs a bottleneck ResNet (depth 50 or 101)")
     for block in (body.layer2[0], body.layer3[0], body.layer4[0]):
         block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
     return body
@@ -171,7 +173,7 @@ def set_stride_in_1x1(body: resnet.ResNet) -> resnet.ResNet:
 def freeze_layers(body: resnet.ResNet, trainable_layers: int) -> None:
     """Freeze all but the last `trainable_layers` of conv1(+bn1), layer1..layer4 (0..5)."""
     if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
+        raise ConfigError(f"trainable_layers must be in 0..5, got {trainable_layers}")
     # Same order and rule as torchvision's detection backbones.
     layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
@@ -210,6 +212,36 @@ class Backbone(nn.Module):
         return f"depth={self.depth}, width={self.width}, norm={self.norm}, weights={self.weights}"
 
 
+def check_settings(
+    depth: int, width: int, weights: str | Path | None, norm: str, stride_in_1x1: bool = False
+) -> None:
+    """Raise a ConfigError naming the setting when `build_backbone` could not build these
+    (`config.validate` calls it too, so that a bad flag stops a run before its data)."""
+    if depth not in RESNETS:
+        raise ConfigError(f"backbone depth must be one of {sorted(RESNETS)}, got {depth}")
+    if norm not in NORMS:
+        raise ConfigError(f"backbone norm must be one of {NORMS}, got {norm!r}")
+    pretrained = bool(weights)
+    if width < 8 or width % 8:
+        raise ConfigError(f"backbone width must be a positive multiple of 8, got {width}")
+    if width != 64 and pretrained:
+        raise ConfigError(
+            f"backbone width {width} cannot take pretrained weights (made for width 64)"
+        )
+    if norm == "gn" and width % GN_GROUPS:
+        raise ConfigError(f"backbone norm 'gn' needs a width divisible by {GN_GROUPS}, got {width}")
+    if norm == "gn" and pretrained:
+        raise ConfigError(
+            "backbone norm 'gn' cannot take ImageNet weights (they hold batch-norm "
+            "statistics); use norm 'frozen_bn' or 'bn' with weights"
+        )
+    if stride_in_1x1 and depth < 50:
+        raise ConfigError(
+            f"stride_in_1x1 needs a bottleneck ResNet (depth 50 or 101), got depth {depth}: "
+            "ResNet-10/18/34 have their strides in a 3x3 conv in every convention"
+        )
+
+
 def build_backbone(
     depth: int = 50,
     out_channels: int = 256,
@@ -231,27 +263,11 @@ def build_backbone(
     stride_in_1x1: a bottleneck ResNet (50, 101) with each stage's stride in its first 1x1
     conv instead of the 3x3 (`set_stride_in_1x1`; the same weights, another network).
     """
-    if depth not in RESNETS:
-        raise ValueError(f"backbone depth must be one of {sorted(RESNETS)}, got {depth}")
-    if norm not in NORMS:
-        raise ValueError(f"backbone norm must be one of {NORMS}, got {norm!r}")
+    check_settings(depth, width, weights, norm, stride_in_1x1)
     weights = str(weights) if weights else None
     pretrained = weights is not None
-    if width < 8 or width % 8:
-        raise ValueError(f"backbone width must be a positive multiple of 8, got {width}")
-    if width != 64 and pretrained:
-        raise ValueError(
-            f"backbone width {width} cannot take pretrained weights (made for width 64)"
-        )
-    if norm == "gn" and width % GN_GROUPS:
-        raise ValueError(f"backbone norm 'gn' needs a width divisible by {GN_GROUPS}, got {width}")
     if norm == "auto":
         norm = "frozen_bn" if pretrained else "bn"
-    if norm == "gn" and pretrained:
-        raise ValueError(
-            "backbone norm 'gn' cannot take ImageNet weights (they hold batch-norm "
-            "statistics); use norm 'frozen_bn' or 'bn' with weights"
-        )
     if trainable_layers is None:
         trainable_layers = 3 if pretrained else 5
     elif not pretrained and trainable_layers != 5:

@@ -32,6 +32,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from backbone import check_settings
+from errors import ConfigError
+
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
@@ -286,7 +289,7 @@ def preset(name: str) -> Config:
     if name == "auto":
         name = "cis680" if torch.cuda.is_available() else "cpu"
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or 'auto'")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or 'auto'")
     return PRESETS[name]
 
 
@@ -402,43 +405,40 @@ def scale_ranges_for(
 def validate(cfg: Config) -> Config:
     """Raise a ValueError naming the field when settings contradict each other."""
     if cfg.model not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {cfg.model!r}")
+        raise ConfigError(f"model must be one of {MODELS}, got {cfg.model!r}")
     n_levels = len(cfg.strides)
     if len(cfg.num_grids) != n_levels or len(cfg.scale_ranges) != n_levels:
-        raise ValueError(
+        raise ConfigError(
             f"num_grids ({len(cfg.num_grids)}), scale_ranges ({len(cfg.scale_ranges)}) and "
             f"strides ({n_levels}) must have one entry per pyramid level"
         )
     if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.focal_norm not in ("positives", "entries"):
-        raise ValueError(f"focal_norm must be 'positives' or 'entries', got {cfg.focal_norm!r}")
+        raise ConfigError(f"focal_norm must be 'positives' or 'entries', got {cfg.focal_norm!r}")
     if cfg.init not in ("authors", "xavier"):
-        raise ValueError(f"init must be 'authors' or 'xavier', got {cfg.init!r}")
+        raise ConfigError(f"init must be 'authors' or 'xavier', got {cfg.init!r}")
     if cfg.optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+        raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     if cfg.lr_schedule not in ("step", "cosine"):
-        raise ValueError(f"lr_schedule must be 'step' or 'cosine', got {cfg.lr_schedule!r}")
+        raise ConfigError(f"lr_schedule must be 'step' or 'cosine', got {cfg.lr_schedule!r}")
     if len(cfg.aug_scale) != 2 or not 0.0 < cfg.aug_scale[0] <= cfg.aug_scale[1]:
-        raise ValueError(f"aug_scale must be two factors 0 < low <= high, got {cfg.aug_scale}")
+        raise ConfigError(f"aug_scale must be two factors 0 < low <= high, got {cfg.aug_scale}")
     if not 0.0 <= cfg.aug_color < 1.0:
-        raise ValueError(f"aug_color must be in [0, 1), got {cfg.aug_color}")
+        raise ConfigError(f"aug_color must be in [0, 1), got {cfg.aug_color}")
     if cfg.mask_loss_stride not in (1, 2, 4):
-        raise ValueError(f"mask_loss_stride must be 1, 2 or 4, got {cfg.mask_loss_stride!r}")
+        raise ConfigError(f"mask_loss_stride must be 1, 2 or 4, got {cfg.mask_loss_stride!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
-    if cfg.stride_in_1x1 and cfg.depth < 50:
-        raise ValueError(
-            f"stride_in_1x1 needs a bottleneck ResNet (depth 50 or 101), got depth {cfg.depth}: "
-            "ResNet-10/18/34 have their strides in a 3x3 conv in every convention"
-        )
+        raise ConfigError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.keep_classes and not cfg.init_from:
-        raise ValueError("keep_classes needs init_from: the file whose category rows to keep")
+        raise ConfigError("keep_classes needs init_from: the file whose category rows to keep")
     if cfg.init_from and cfg.backbone_weights:
-        raise ValueError(
+        raise ConfigError(
             f"init_from and backbone_weights both given ({cfg.init_from!r}, "
             f"{cfg.backbone_weights!r}): the file's weights replace the whole backbone"
         )
+    # The backbone's own checks last, after the messages about how settings combine.
+    check_settings(cfg.depth, cfg.backbone_width, cfg.backbone_weights, cfg.norm, cfg.stride_in_1x1)
     return cfg
 
 
@@ -467,7 +467,7 @@ def config_from_dict(data: dict) -> Config:
     known = {f.name for f in fields(Config)}
     unknown = set(data) - known
     if unknown:
-        raise ValueError(f"checkpoint config has unknown fields {sorted(unknown)}")
+        raise ConfigError(f"checkpoint config has unknown fields {sorted(unknown)}")
 
     def as_tuple(value):
         if isinstance(value, list):

@@ -21,6 +21,11 @@ def data_error(path: Any, field: str, problem: str, expected: str) -> DataError:
     return DataError(f"{path}: {field} {problem}; expected {expected}.")
 
 
+class ConfigError(ValueError):
+    """Settings that contradict each other or that no model has (a flag's value, a field of a
+    stored config): the message names the setting, its value and what is allowed."""
+
+
 class ModelFileError(ValueError):
     """A checkpoint or exported model file that is damaged or not one of this project's: the
     message names the file, says what it is and what was expected."""
@@ -36,6 +41,7 @@ class NonFiniteLossError(RuntimeError):
 
 # What `cli.run` prints as one line (FileNotFoundError: a missing input file).
 ONE_LINE_ERRORS = (
+    ConfigError,
     DataError,
     ModelFileError,
     CheckpointWriteError,

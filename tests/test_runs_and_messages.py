@@ -294,6 +294,10 @@ def test_case_10_every_entry_script_prints_one_line_for_bad_input(data_root, tmp
     cases = [
         ("main_train.py", ["--data", str(broken_json), "--coco-images", str(tmp_path),
                            "--out", str(tmp_path / "run")], [str(broken_json)]),
+        # A flag no model has stops the run before its data and its folder.
+        ("main_train.py", ["--backbone-width", "30", "--out", str(tmp_path / "run_w")], [
+            "backbone width must be a positive multiple of 8, got 30"]),
+        ("main_train.py", ["--model", "solo3"], ["model must be one of", "got 'solo3'"]),
         ("resume_train.py", [str(random_bytes)], [str(random_bytes), "not a PyTorch checkpoint"]),
         ("main_infer.py", ["--checkpoint", str(missing)], [str(missing), "no checkpoint"]),
         ("main_infer.py", ["--onnx", str(random_bytes)], [str(random_bytes), "ONNX"]),
