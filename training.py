@@ -626,12 +626,12 @@ def _train(cfg: Config, checkpoint: dict | None, stop_after_epoch: int | None, r
     where it stood."""
     procs = start_processes(cfg)
     device = procs.device
-    cfg = prepare_run_dir(cfg, checkpoint is not None, procs)
-    run.run_dir = Path(cfg.out)
-
     t_start = time.time()
     seed_everything(cfg.seed)
     train_set, val_set = build_data(cfg)
+    # The run's folder once the data is read: bad data leaves no folder behind.
+    cfg = prepare_run_dir(cfg, checkpoint is not None, procs)
+    run.run_dir = Path(cfg.out)
     if procs.is_main and device.type == "cpu" and cfg.amp and autocast_dtype(cfg, device) is None:
         print("bf16 autocast off: this CPU has no native bf16 (AVX-512 BF16 or AMX), where it is")
         print("emulated and many times slower; training in float32")
