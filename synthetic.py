@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cis680_files import CIS680_CLASSES, CIS680_IMAGE_SIZE, cis680_paths, write_cis680
+from cli import raise_if_interrupted
 from conventions import masks_to_boxes
 from safe_npy import read_npy
 
@@ -433,6 +434,7 @@ def iter_samples(
         workers = 2 if num_images >= PARALLEL_MIN_IMAGES and (os.cpu_count() or 1) >= 2 else 1
     if workers <= 1 or num_images <= PARALLEL_BLOCK:
         for i in range(num_images):
+            raise_if_interrupted()
             yield generate_sample(seed, i, height, width)
         return
     job = functools.partial(_sample_job, seed=seed, height=height, width=width)
@@ -447,6 +449,7 @@ def iter_samples(
             submitted = pool.map_async(job, block, chunksize=4)
             if pending is not None:
                 yield from pending.get()
+            raise_if_interrupted()
             pending = submitted
         yield from pending.get()
 

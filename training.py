@@ -46,6 +46,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, DistributedSampler
 
 import dataset as ds
+from cli import raise_if_interrupted
 from config import Config, config_to_dict
 from dataset import build_data
 from errors import NonFiniteLossError
@@ -776,6 +777,7 @@ def _train_epoch(net, optimizer, scaler, loader, cfg, procs, run, budget, curve)
     for imgs, labels, masks, boxes, _ in (_to_device(b, procs.device) for b in progress):
         if run.iteration >= run.iters_total:
             break
+        raise_if_interrupted()
         lr = lr_at(cfg, run.iteration, run.epoch, run.iters_total)
         set_lr(optimizer, lr)
         values = _train_step(net, optimizer, scaler, (imgs, labels, masks, boxes), cfg, procs, run)

@@ -624,3 +624,29 @@ def test_case_12_an_onnx_file_that_is_not_our_export_gets_one_line(kind, make, e
     with pytest.raises(M.ModelFileError, match=re.escape(expected)):
         main_infer.main(["--onnx", str(path), "--images", str(path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["solo.onnx"]  # nothing written
+
+
+def test_a_ctrl_c_python_could_only_print_is_raised_at_the_next_step(monkeypatch, capsys):
+    # What synthetic.py met about once in 20 Ctrl-Cs: Python raised the KeyboardInterrupt in
+    # a weakref callback of the garbage collector, printed "Exception ignored in ..." and went
+    # on. Under cli.run it is kept and raised at the loop's next raise_if_interrupted.
+    import cli
+
+    monkeypatch.setattr(sys, "unraisablehook", cli.keep_interrupt)
+
+    class Finalised:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    Finalised(KeyboardInterrupt())  # dropped at once: its __del__ can only be printed
+    assert capsys.readouterr().err == ""
+    with pytest.raises(KeyboardInterrupt):
+        cli.raise_if_interrupted()
+    cli.raise_if_interrupted()  # once only
+    Finalised(ValueError("a bug"))  # anything else is printed as Python prints it
+    err = capsys.readouterr().err
+    assert "Exception ignored" in err and "ValueError: a bug" in err
+    cli.raise_if_interrupted()
