@@ -348,9 +348,14 @@ def evaluate_model(
     return score(dataset, detections_of(predictions, dataset))
 
 
-def detections_of(predictions, dataset: SampleDataset | None = None) -> list[dict]:
-    """COCO results dicts; category ids are the json's for COCO-format data."""
-    mapping = dataset.label_to_cat_id if dataset is not None and uses_coco_json(dataset) else None
+def detections_of(
+    predictions, dataset: SampleDataset | None = None, label_to_category_id=None
+) -> list[dict]:
+    """COCO results dicts; category ids are `label_to_category_id`'s when given, else the
+    json's for COCO-format data, else the labels."""
+    mapping = label_to_category_id
+    if mapping is None and dataset is not None and uses_coco_json(dataset):
+        mapping = dataset.label_to_cat_id
     return results_to_coco(
         [meta["image_id"] for meta, _ in predictions], [r for _, r in predictions], mapping
     )

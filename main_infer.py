@@ -62,7 +62,6 @@ from evaluation import (
     format_table,
     images_json,
     predict_batches,
-    results_to_coco,
     score,
     write_json,
     write_results_json,
@@ -164,11 +163,11 @@ def align_labels(
     model_names, data_names = tuple(model_names), tuple(data_names)
     if model_names == data_names:
         return predictions
-    data_keys = [zoo.class_key(name) for name in data_names]
+    in_data = zoo.class_positions(data_names)
     to_data = torch.zeros(len(model_names) + 1, dtype=torch.int64)  # 0: not in the data
     for k, name in enumerate(model_names, start=1):
-        if zoo.class_key(name) in data_keys:
-            to_data[k] = data_keys.index(zoo.class_key(name)) + 1
+        if zoo.class_key(name) in in_data:
+            to_data[k] = in_data[zoo.class_key(name)] + 1
     if not to_data.any():
         raise ValueError(
             f"the model's classes ({', '.join(model_names[:5])}, ...) and the data's "
@@ -336,8 +335,7 @@ def main(argv: list[str] | None = None):
         class_names = data.class_names
     if args.images:  # no annotation file: COCO's ids for a COCO model, and images.json
         label_to_id = zoo.category_ids(class_names)
-        image_ids = [meta["image_id"] for meta, _ in predictions]
-        detections = results_to_coco(image_ids, [r for _, r in predictions], label_to_id)
+        detections = detections_of(predictions, label_to_category_id=label_to_id)
         write_json(out_dir / "images.json", images_json(predictions, class_names, label_to_id))
     else:
         detections = detections_of(predictions, data)

@@ -603,6 +603,14 @@ def class_key(name: str) -> str:
     return " ".join(str(name).replace("_", " ").lower().split())
 
 
+def class_positions(class_names: Sequence[str]) -> dict[str, int]:
+    """`class_key` -> the position of the first name with that key in `class_names`."""
+    positions: dict[str, int] = {}
+    for k, name in enumerate(class_names):
+        positions.setdefault(class_key(name), k)
+    return positions
+
+
 def is_coco(class_names: Sequence[str]) -> bool:
     """Whether `class_names` are COCO's 80 categories in COCO's order (as `class_key`s)."""
     return [class_key(n) for n in class_names] == [class_key(n) for n in COCO_CLASSES]
@@ -893,8 +901,8 @@ def class_rows(file_names: Sequence[str], class_names: Sequence[str], path) -> l
     the data is output channel rows[k - 1] of the file; names compare as `class_key`s (case
     and "_" against " " aside). A name the file lacks is one DataError listing the missing
     names and a few of the file's."""
-    file_keys = [class_key(name) for name in file_names]
-    missing = [name for name in class_names if class_key(name) not in file_keys]
+    rows = class_positions(file_names)
+    missing = [name for name in class_names if class_key(name) not in rows]
     if missing:
         raise DataError(
             f"{path}: --keep-classes needs each class of the data among the file's "
@@ -902,7 +910,7 @@ def class_rows(file_names: Sequence[str], class_names: Sequence[str], path) -> l
             f"has {_few([repr(n) for n in file_names], 6)}); rename the data's classes to the "
             "file's names or leave out --keep-classes"
         )
-    return [file_keys.index(class_key(name)) for name in class_names]
+    return [rows[class_key(name)] for name in class_names]
 
 
 def freeze_pretrained_stages(model: SOLOModel) -> None:
